@@ -1,0 +1,1 @@
+"""Weight interchange with diffusers / transformers (PyTorch and safetensors)."""

@@ -1,0 +1,1 @@
+"""Flax (linen) networks: autoencoder, text encoder, conditional UNet."""

@@ -170,7 +170,7 @@ def p_mean_variance_from(
     mean = posterior mean with x_0 replaced by its prediction (DDPM eq. 11 in x_0 form).
     log variance: fixed_small -> log beta-tilde; fixed_large -> log beta; learned_range ->
     u log beta + (1 - u) log beta-tilde with u = (v_net + 1)/2 (Improved DDPM eq. 15).
-    Returns dict(mean, log_variance, pred_x0, pred_eps).
+    Returns dict(mean, variance, log_variance, pred_x0, pred_eps).
     """
     pred, v_net = split_learned_variance(output, variance)
     x0, eps = predict_x0_eps(prediction, pred, x_t, coefs["alphas_cumprod"], clip_x0)
@@ -184,7 +184,7 @@ def p_mean_variance_from(
         log_var = u * coefs["log_betas"] + (1.0 - u) * coefs["log_variance_small"]
     else:
         check_choice("variance", variance, VARIANCES)
-    return dict(mean=mean, log_variance=log_var, pred_x0=x0, pred_eps=eps)
+    return dict(mean=mean, variance=jnp.exp(log_var), log_variance=log_var, pred_x0=x0, pred_eps=eps)
 
 
 def p_mean_variance(

@@ -1,0 +1,405 @@
+"""Stable Diffusion weights in and out: diffusers / transformers objects and diffusers folders.
+
+Two ways in:
+
+* from live PyTorch objects (needs torch): ``unet_from_diffusers(torch_unet)``,
+  ``autoencoder_from_diffusers(torch_vae)``, ``text_encoder_from_transformers(torch_clip_text)``,
+  each returning ``(flax_module, params)``;
+* from a local diffusers-format folder (no torch, no pickle): ``load_diffusers_dir(path)`` reads
+  ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``
+  with ``safetensors.numpy``.
+
+One way out: ``export_diffusers_dir(path, components)`` writes the same layout (safetensors +
+config.json files, tokenizer files, a DDIM scheduler config, model_index.json) so that diffusers'
+``StableDiffusionPipeline.from_pretrained(path)`` loads it (no safety checker).
+
+The per-model config and weight mappings live in ``unet_weights``, ``vae_weights`` and
+``clip_weights``; ``schedule_from_scheduler_config`` maps a diffusers scheduler config onto
+``ldm_jax.diffusion.schedules.make_schedule`` and the sampler options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from ldm_jax.interop import clip_weights, unet_weights, vae_weights
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer
+from ldm_jax.models.unet import UNet
+
+# The diffusers version our exports are written for (and tested against).
+DIFFUSERS_VERSION = "0.42.1"
+
+# ---------------------------------------------------------------------------------------------
+# From live PyTorch objects
+
+
+def _numpy_state_dict(torch_module) -> dict[str, np.ndarray]:
+    import torch  # only this path needs torch
+
+    return {k: v.detach().to(device="cpu", dtype=torch.float32).numpy()
+            for k, v in torch_module.state_dict().items()}
+
+
+def _with_dtype(kwargs: dict, dtype) -> dict:
+    return kwargs if dtype is None else {**kwargs, "dtype": dtype}
+
+
+def unet_from_diffusers(torch_unet, *, dtype=None) -> tuple[UNet, dict]:
+    """A diffusers ``UNet2DConditionModel`` -> ``(UNet, params)``; ``dtype`` sets activations."""
+    kwargs = unet_weights.unet_kwargs_from_config(dict(torch_unet.config))
+    params = unet_weights.unet_params_from_state_dict(_numpy_state_dict(torch_unet), kwargs)
+    return UNet(**_with_dtype(kwargs, dtype)), params
+
+
+def autoencoder_from_diffusers(torch_vae, *, dtype=None) -> tuple[AutoencoderKL, dict]:
+    """A diffusers ``AutoencoderKL`` -> ``(AutoencoderKL, params)``."""
+    kwargs = vae_weights.vae_kwargs_from_config(dict(torch_vae.config))
+    params = vae_weights.vae_params_from_state_dict(_numpy_state_dict(torch_vae), kwargs)
+    return AutoencoderKL(**_with_dtype(kwargs, dtype)), params
+
+
+def text_encoder_from_transformers(torch_text_model, *, dtype=None) -> tuple[CLIPTextEncoder, dict]:
+    """A transformers ``CLIPTextModel`` -> ``(CLIPTextEncoder, params)``."""
+    kwargs = clip_weights.text_encoder_kwargs_from_config(torch_text_model.config.to_dict())
+    params = clip_weights.text_encoder_params_from_state_dict(
+        _numpy_state_dict(torch_text_model), kwargs)
+    return CLIPTextEncoder(**_with_dtype(kwargs, dtype)), params
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler configs
+
+# The keys of schedule_from_scheduler_config's result that configure sampling, not make_schedule.
+SAMPLING_KEYS = ("prediction", "spacing", "steps_offset")
+
+_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear",
+                   "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_SPACINGS = ("leading", "trailing", "linspace")
+# Defaults of the diffusers scheduler classes, for configs that omit a key.
+_LINSPACE_DEFAULT = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                     "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+                     "DEISMultistepScheduler"}
+_OUR_SCALED_LINEAR = (0.00085, 0.012)  # make_schedule("scaled_linear") defaults
+_OUR_LINEAR = (1e-4, 0.02)  # make_schedule("linear") defaults
+
+
+def schedule_from_scheduler_config(config: Mapping[str, Any]) -> dict:
+    """diffusers scheduler config (``scheduler_config.json``) -> our schedule and sampler options.
+
+    Returns ``dict(name, num_timesteps, zero_terminal_snr, [beta_start, beta_end, rescale],
+    prediction, spacing, steps_offset)``: everything but ``SAMPLING_KEYS`` are the arguments of
+    ``make_schedule`` (beta endpoints only when they differ from its defaults; ``rescale=False``
+    for a "linear" schedule with T != 1000, since diffusers does not rescale); ``prediction``
+    ("eps" | "v" | "x0"), ``spacing`` and ``steps_offset`` go to the sampler. Raises ValueError
+    naming the key for values we do not implement (``trained_betas``, other beta schedules...).
+    """
+    cls = config.get("_class_name", "")
+    heun = cls == "HeunDiscreteScheduler"
+    get = lambda key, default: default if config.get(key) is None else config[key]
+
+    if config.get("trained_betas") is not None:
+        raise ValueError("scheduler config trained_betas is not supported (only named schedules)")
+    beta_schedule = get("beta_schedule", "linear")
+    if beta_schedule not in _BETA_SCHEDULES:
+        raise ValueError(f"scheduler config beta_schedule={beta_schedule!r} is not supported; "
+                         f"allowed: {', '.join(_BETA_SCHEDULES)}")
+    prediction_type = get("prediction_type", "epsilon")
+    if prediction_type not in _PREDICTIONS:
+        raise ValueError(f"scheduler config prediction_type={prediction_type!r} is not "
+                         f"supported; allowed: {', '.join(_PREDICTIONS)}")
+    spacing = get("timestep_spacing", "linspace" if cls in _LINSPACE_DEFAULT else "leading")
+    if spacing not in _SPACINGS:
+        raise ValueError(f"scheduler config timestep_spacing={spacing!r} is not supported; "
+                         f"allowed: {', '.join(_SPACINGS)}")
+    num_timesteps = int(get("num_train_timesteps", 1000))
+
+    name = _BETA_SCHEDULES[beta_schedule]
+    out: dict[str, Any] = dict(name=name, num_timesteps=num_timesteps,
+                               zero_terminal_snr=bool(get("rescale_betas_zero_snr", False)))
+    beta_start = float(get("beta_start", 0.00085 if heun else 1e-4))
+    beta_end = float(get("beta_end", 0.012 if heun else 0.02))
+    ours = {"scaled_linear": _OUR_SCALED_LINEAR, "linear": _OUR_LINEAR}.get(name)
+    if ours is not None and not (math.isclose(beta_start, ours[0], rel_tol=1e-9)
+                                 and math.isclose(beta_end, ours[1], rel_tol=1e-9)):
+        out.update(beta_start=beta_start, beta_end=beta_end)
+    if name == "linear" and num_timesteps != 1000:
+        out["rescale"] = False
+    out.update(prediction=_PREDICTIONS[prediction_type], spacing=spacing,
+               steps_offset=int(get("steps_offset", 0)))
+    return out
+
+
+def scheduler_config_from_schedule(schedule: Mapping[str, Any]) -> dict:
+    """The inverse of ``schedule_from_scheduler_config``: a diffusers ``DDIMScheduler`` config."""
+    names = {v: k for k, v in _BETA_SCHEDULES.items()}
+    if schedule["name"] not in names:
+        raise ValueError(f"schedule name {schedule['name']!r} has no diffusers equivalent; "
+                         f"allowed: {', '.join(names)}")
+    predictions = {v: k for k, v in _PREDICTIONS.items()}
+    prediction = schedule.get("prediction", "eps")
+    if prediction not in predictions:
+        raise ValueError(f"schedule prediction {prediction!r} is not one of {list(predictions)}")
+    T = int(schedule["num_timesteps"])
+    if schedule["name"] == "linear" and T != 1000 and schedule.get("rescale", True):
+        raise ValueError("schedule rescale=True (the default of 'linear' with num_timesteps != "
+                         "1000) has no diffusers equivalent; pass rescale=False")
+    default = _OUR_SCALED_LINEAR if schedule["name"] == "scaled_linear" else _OUR_LINEAR
+    return {
+        "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": T, "beta_schedule": names[schedule["name"]],
+        "beta_start": float(schedule.get("beta_start", default[0])),
+        "beta_end": float(schedule.get("beta_end", default[1])),
+        "trained_betas": None, "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": int(schedule.get("steps_offset", 0)),
+        "prediction_type": predictions[prediction], "thresholding": False,
+        "timestep_spacing": schedule.get("spacing", "leading"),
+        "rescale_betas_zero_snr": bool(schedule.get("zero_terminal_snr", False)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+@dataclasses.dataclass
+class DiffusersComponents:
+    """The models of a Stable-Diffusion-style pipeline, as Flax modules + params.
+
+    ``schedule`` is ``schedule_from_scheduler_config``'s dict; ``scheduler_config`` the raw
+    diffusers config it came from (exported as is when present).
+    """
+    unet: UNet
+    unet_params: dict
+    vae: AutoencoderKL
+    vae_params: dict
+    text_encoder: CLIPTextEncoder
+    text_encoder_params: dict
+    tokenizer: Any
+    schedule: dict
+    scheduler_config: dict | None = None
+
+
+# component -> (weights file stem, config file name, accepted classes)
+_COMPONENTS = {
+    "unet": ("diffusion_pytorch_model", "config.json", ("UNet2DConditionModel",)),
+    "vae": ("diffusion_pytorch_model", "config.json", ("AutoencoderKL",)),
+    "text_encoder": ("model", "config.json", ("CLIPTextModel",)),
+}
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _read_weights(folder: pathlib.Path, stem: str, variant: str | None
+                  ) -> tuple[dict[str, np.ndarray], pathlib.Path]:
+    """``{stem}[.{variant}].safetensors``, or the shards listed by its ``.index.json``.
+
+    Returns the state dict and the file it came from (the index file for shards)."""
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    single, index = folder / name, folder / f"{name}.index.json"
+    if single.is_file():
+        return _load_safetensors(single), single
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map'")
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"missing {folder / shard} (listed in {index})")
+            state.update(_load_safetensors(folder / shard))
+        return state, index
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+    hint = (f"; found only pickle files {pickles}, which ldm_jax never loads: re-save them with "
+            "safe_serialization=True") if pickles else ""
+    raise FileNotFoundError(f"missing {single}{hint}")
+
+
+def _load_component(root: pathlib.Path, component: str, variant: str | None, dtype):
+    folder = root / component
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing component folder {folder}")
+    stem, config_name, _ = _COMPONENTS[component]
+    config = _read_json(folder / config_name)
+    if component == "unet":
+        to_kwargs, to_params, cls = (unet_weights.unet_kwargs_from_config,
+                                     unet_weights.unet_params_from_state_dict, UNet)
+    elif component == "vae":
+        to_kwargs, to_params, cls = (vae_weights.vae_kwargs_from_config,
+                                     vae_weights.vae_params_from_state_dict, AutoencoderKL)
+    else:
+        to_kwargs, to_params, cls = (clip_weights.text_encoder_kwargs_from_config,
+                                     clip_weights.text_encoder_params_from_state_dict,
+                                     CLIPTextEncoder)
+    try:
+        kwargs = to_kwargs(config)
+    except ValueError as e:
+        raise ValueError(f"{folder / config_name}: {e}") from None
+    state_dict, weights_file = _read_weights(folder, stem, variant)
+    try:
+        params = to_params(state_dict, kwargs)
+    except ValueError as e:
+        raise ValueError(f"{weights_file} does not match {folder / config_name}: {e}") from None
+    return cls(**_with_dtype(kwargs, dtype)), params
+
+
+def load_diffusers_dir(path, *, variant: str | None = None, dtype=None) -> DiffusersComponents:
+    """Read a local diffusers-format Stable Diffusion folder (torch-free, never unpickles).
+
+    ``path`` holds ``model_index.json`` and the ``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/`` and ``scheduler/`` folders (weights as ``*.safetensors``, possibly sharded;
+    ``variant="fp16"`` reads ``*.fp16.safetensors``). ``dtype`` sets the modules' activation
+    dtype (params stay float32). Raises FileNotFoundError / ValueError naming the file that is
+    missing, unreadable or does not match its config.
+    """
+    root = pathlib.Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder {root}")
+    index = _read_json(root / "model_index.json")
+    for component, (_, _, classes) in _COMPONENTS.items():
+        entry = index.get(component)
+        if not entry or entry[-1] is None:
+            raise ValueError(f"{root / 'model_index.json'}: no {component!r} component")
+        if entry[-1] not in classes:
+            raise ValueError(f"{root / 'model_index.json'}: {component} is a {entry[-1]}; "
+                             f"supported: {', '.join(classes)}")
+    unet, unet_params = _load_component(root, "unet", variant, dtype)
+    vae, vae_params = _load_component(root, "vae", variant, dtype)
+    text, text_params = _load_component(root, "text_encoder", variant, dtype)
+    if text.hidden_size != unet.cross_attention_dim:
+        raise ValueError(f"{root}: text_encoder hidden_size={text.hidden_size} does not match "
+                         f"unet cross_attention_dim={unet.cross_attention_dim}")
+
+    tok_entry = index.get("tokenizer")
+    if tok_entry and tok_entry[-1] is not None:
+        tok_dir = root / "tokenizer"
+        if not tok_dir.is_dir():
+            raise FileNotFoundError(f"missing component folder {tok_dir}")
+        from transformers import CLIPTokenizer
+
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"{tok_dir}: cannot build a CLIPTokenizer ({e})") from None
+    else:  # no tokenizer in the folder: the CLIP vocabulary shipped with ldm_jax
+        tokenizer = make_tokenizer(text.max_position_embeddings)
+
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    try:
+        schedule = schedule_from_scheduler_config(scheduler_config)
+    except ValueError as e:
+        raise ValueError(f"{root / 'scheduler' / 'scheduler_config.json'}: {e}") from None
+    return DiffusersComponents(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+                               text_encoder=text, text_encoder_params=text_params,
+                               tokenizer=tokenizer, schedule=schedule,
+                               scheduler_config=scheduler_config)
+
+
+def module_kwargs(module) -> dict:
+    """The constructor arguments of a linen module (its dataclass fields, minus parent/name)."""
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+            if f.init and f.name not in ("parent", "name")}
+
+
+def _save_safetensors(state_dict: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+    from safetensors.numpy import save_file
+
+    # format=pt: transformers / diffusers check this metadata entry before loading.
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
+              str(path), metadata={"format": "pt"})
+
+
+def _write_json(obj, path: pathlib.Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer(tokenizer, folder: pathlib.Path) -> None:
+    """transformers' files plus vocab.json / merges.txt (what transformers 4 readers need)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                       encoding="utf-8")
+
+
+def export_diffusers_dir(path, components: DiffusersComponents) -> pathlib.Path:
+    """Write ``components`` as a diffusers ``StableDiffusionPipeline`` folder; returns the path.
+
+    Weights are float32 safetensors (text encoder keys with transformers 4's ``text_model.``
+    prefix, which transformers 4 and 5 both read). The scheduler is ``components.
+    scheduler_config`` when set, else a DDIMScheduler config built from ``components.schedule``.
+    The safety checker and feature extractor are left out (``requires_safety_checker: false``).
+    """
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    c = components
+
+    unet_kwargs = module_kwargs(c.unet)
+    folder = root / "unet"
+    folder.mkdir(exist_ok=True)
+    _write_json({**unet_weights.unet_config_from_kwargs(unet_kwargs),
+                 "_diffusers_version": DIFFUSERS_VERSION}, folder / "config.json")
+    _save_safetensors(unet_weights.unet_state_dict_from_params(c.unet_params, unet_kwargs),
+                      folder / "diffusion_pytorch_model.safetensors")
+
+    vae_kwargs = module_kwargs(c.vae)
+    folder = root / "vae"
+    folder.mkdir(exist_ok=True)
+    _write_json({**vae_weights.vae_config_from_kwargs(vae_kwargs),
+                 "_diffusers_version": DIFFUSERS_VERSION}, folder / "config.json")
+    _save_safetensors(vae_weights.vae_state_dict_from_params(c.vae_params, vae_kwargs),
+                      folder / "diffusion_pytorch_model.safetensors")
+
+    text_kwargs = module_kwargs(c.text_encoder)
+    folder = root / "text_encoder"
+    folder.mkdir(exist_ok=True)
+    _write_json(clip_weights.text_encoder_config_from_kwargs(text_kwargs), folder / "config.json")
+    text_sd = clip_weights.text_encoder_state_dict_from_params(c.text_encoder_params, text_kwargs)
+    _save_safetensors({"text_model." + k: v for k, v in text_sd.items()},
+                      folder / "model.safetensors")
+
+    tokenizer = c.tokenizer if c.tokenizer is not None else make_tokenizer(
+        c.text_encoder.max_position_embeddings)
+    _write_tokenizer(tokenizer, root / "tokenizer")
+
+    scheduler_config = c.scheduler_config or scheduler_config_from_schedule(c.schedule)
+    (root / "scheduler").mkdir(exist_ok=True)
+    _write_json(scheduler_config, root / "scheduler" / "scheduler_config.json")
+
+    _write_json({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "image_encoder": [None, None], "requires_safety_checker": False,
+    }, root / "model_index.json")
+    return root

@@ -17,3 +17,18 @@ import jax  # noqa: E402
 
 # Exact float32 matmuls on CPU so parity tests compare like with like.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+SMALL_SHAPES = dict(image_size=32, train_size=600, test_size=200, heldout_size=120)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small shapes build shared by the data and evaluation tests (the full build's code, fewer images)."""
+    from ldm_jax.data import builder
+
+    data_dir = str(tmp_path_factory.mktemp("datasets"))
+    builder.prepare("shapes", data_dir, **SMALL_SHAPES)
+    return data_dir

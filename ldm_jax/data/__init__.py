@@ -1,0 +1,1 @@
+"""Offline datasets (TFDS array_record builders) and the grain input pipeline."""

@@ -1,0 +1,41 @@
+"""Prepare a dataset offline: python -m ldm_jax.data.prepare NAME --data_dir DIR [--option key=value ...]
+
+e.g. `python -m ldm_jax.data.prepare shapes --data_dir ~/.cache/ldm_jax/datasets --option image_size=64`.
+Options are the builder's config fields (shapes: image_size, train_size, test_size, heldout_size, seed).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+
+from ldm_jax.data import builder
+
+
+def parse_options(pairs) -> dict:
+    """["image_size=64", "folder=/x"] -> {"image_size": 64, "folder": "/x"} (Python literals where they parse)."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option wants key=value, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help=f"one of {', '.join(builder.BUILDERS)}, or a TFDS dataset name")
+    parser.add_argument("--data_dir", default="~/.cache/ldm_jax/datasets")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="builder option (repeatable)")
+    args = parser.parse_args(argv)
+    prepared = builder.prepare(args.name, os.path.expanduser(args.data_dir), **parse_options(args.option))
+    splits = {name: split.num_examples for name, split in prepared.info.splits.items()}
+    print(f"{args.name}: {prepared.data_dir} {splits}")
+
+
+if __name__ == "__main__":
+    main()

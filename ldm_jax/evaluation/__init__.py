@@ -1,0 +1,1 @@
+"""Metrics: shapes checker, bits/dim, FID, CLIP score."""

@@ -1,0 +1,98 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ldm_jax.data import pipeline
+from tests.conftest import SMALL_SHAPES
+
+
+def config(shapes_dir, **kw):
+    base = dict(data_dir=shapes_dir, batch_size=8, options=tuple(SMALL_SHAPES.items()))
+    return pipeline.DataConfig(**{**base, **kw})
+
+
+def test_batches_have_images_in_range_and_tokenized_captions(shapes_dir):
+    batch = next(pipeline.make_batches(config(shapes_dir), process_index=0, process_count=1))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0 and batch["image"].min() == -1.0
+    assert batch["ids"].shape == (8, 77) and batch["ids"].dtype == np.int32
+    assert batch["ids"][0, 0] == 49406 and 49407 in batch["ids"][0]
+    assert len(batch["caption"]) == 8 and all(c.startswith("a ") for c in batch["caption"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(shapes_dir, workers):
+    cfg = config(shapes_dir, num_workers=workers)
+    it = pipeline.make_batches(cfg, process_index=0, process_count=1)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(4)]
+    resumed = pipeline.make_batches(cfg, process_index=0, process_count=1)
+    resumed.set_state(state)
+    got = [next(resumed) for _ in range(4)]
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w["index"], g["index"])
+        np.testing.assert_array_equal(w["image"], g["image"])
+        np.testing.assert_array_equal(w["ids"], g["ids"])
+
+
+def test_epochs_cover_the_split_and_reshuffle(shapes_dir):
+    cfg = config(shapes_dir, split="test", batch_size=40)  # 200 records = 5 batches per epoch
+    it = pipeline.make_batches(cfg, process_index=0, process_count=1)
+    epochs = [np.concatenate([next(it)["index"] for _ in range(5)]) for _ in range(2)]
+    for e in epochs:
+        assert sorted(e) == list(range(200))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_two_processes_read_disjoint_shards(shapes_dir):
+    cfg = config(shapes_dir, split="test", batch_size=40)
+    shards = []
+    for p in range(2):
+        it = pipeline.make_batches(cfg, process_index=p, process_count=2)
+        first = next(it)
+        assert first["image"].shape[0] == 20  # half of the global batch each
+        shards.append(np.concatenate([first["index"]] + [next(it)["index"] for _ in range(4)]))
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(np.concatenate(shards)) == list(range(200))  # together: the whole split per epoch
+
+
+def test_global_batch_is_sharded_over_the_mesh(shapes_dir):
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    mesh = Mesh(devices, ("data", "fsdp"))
+    it = pipeline.make_batches(config(shapes_dir), mesh)
+    batch = next(it)
+    assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (8, 32, 32, 3)
+    assert batch["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert len({s.device for s in batch["image"].addressable_shards}) == 4
+    assert all(s.data.shape[0] == 2 for s in batch["ids"].addressable_shards)
+    assert isinstance(batch["caption"], list)
+
+
+def test_flip_is_off_by_default_and_mirrors_when_on(shapes_dir):
+    plain = next(pipeline.make_batches(config(shapes_dir, shuffle=False), process_index=0, process_count=1))
+    flipped = next(pipeline.make_batches(config(shapes_dir, shuffle=False, flip=True, batch_size=64), process_index=0, process_count=1))
+    np.testing.assert_array_equal(plain["index"], flipped["index"][:8])
+    mirrored = [np.array_equal(flipped["image"][i], plain["image"][i][:, ::-1]) for i in range(8)]
+    same = [np.array_equal(flipped["image"][i], plain["image"][i]) for i in range(8)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 0 < sum(mirrored) <= 8
+
+
+def test_resize_and_crop():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 255  # the centre square of a 2:1 image
+    out = pipeline.resize_and_crop(img, 16)
+    assert out.shape == (16, 16, 3) and out[:, 2:-2].min() >= 250 and out.mean() > 235
+
+
+def test_bad_config_is_a_clear_error(shapes_dir):
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        pipeline.load_source(config(shapes_dir, split="validation"))
+    with pytest.raises(ValueError, match="no feature 'text'"):
+        pipeline.load_source(config(shapes_dir, caption_key="text"))
+    with pytest.raises(ValueError, match="unknown data config keys \\['batch'\\]"):
+        pipeline.DataConfig.from_dict({"batch": 3})
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+        pipeline.load_source(config(shapes_dir, name="no_such_set", options=()))

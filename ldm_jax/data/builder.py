@@ -24,6 +24,15 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         super().__init__(file_format=file_format, **kwargs)
 
 
+def captioned_image_features(image_size: int, **extra) -> tfds.features.FeaturesDict:
+    """The features every ldm_jax dataset has (a PNG `image` [S, S, 3] and a `caption`) plus `extra`."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="png"),
+        "caption": tfds.features.Text(),
+        **extra,
+    })
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode an image [H, W, 3] uint8 as PNG (what TFDS's Image feature takes without TensorFlow)."""
     buffer = io.BytesIO()

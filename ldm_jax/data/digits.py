@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from ldm_jax.data.builder import ArrayRecordBuilder, png_bytes
+from ldm_jax.data.builder import ArrayRecordBuilder, captioned_image_features, png_bytes
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_DIGITS = 1_797  # rows in sklearn.datasets.load_digits()
@@ -76,12 +76,11 @@ class Digits(ArrayRecordBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(num_classes=10),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }),
+            features=captioned_image_features(
+                size,
+                label=tfds.features.ClassLabel(num_classes=10),
+                index=tfds.features.Scalar(dtype=np.int64),
+            ),
             homepage="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
             license="CC BY 4.0 (UCI Machine Learning Repository)",
         )

@@ -37,7 +37,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow_datasets as tfds
 
-from ldm_jax.data.builder import ArrayRecordBuilder, png_bytes
+from ldm_jax.data.builder import ArrayRecordBuilder, captioned_image_features, png_bytes
 
 FONT_FILE = "glyf_colr0.ttf"  # COLRv0: flat colour layers, which FreeType renders in colour
 OVERSAMPLE = 4  # draw at 4x the target size, then downsample with LANCZOS
@@ -122,11 +122,10 @@ class Emoji(ArrayRecordBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"{__doc__}\nPrepared with Unicode {unicodedata.unidata_version} names.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "codepoint": tfds.features.Scalar(dtype=np.int64),
-            }),
+            features=captioned_image_features(
+                size,
+                codepoint=tfds.features.Scalar(dtype=np.int64),
+            ),
             homepage="https://openmoji.org/",
             license="All emojis designed by OpenMoji – the open-source emoji and icon project. "
                     "License: CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/)",

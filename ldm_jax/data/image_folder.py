@@ -42,7 +42,7 @@ import PIL.ImageOps
 import tensorflow_datasets as tfds
 from absl import logging
 
-from ldm_jax.data.builder import ArrayRecordBuilder, png_bytes
+from ldm_jax.data.builder import ArrayRecordBuilder, captioned_image_features, png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTIONS_JSONL, CAPTIONS_CSV = "captions.jsonl", "captions.csv"
@@ -142,11 +142,10 @@ class ImageFolder(ArrayRecordBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"{__doc__}\nFolder: {self.builder_config.folder}",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "file": tfds.features.Text(),  # relative to the folder
-            }),
+            features=captioned_image_features(
+                size,
+                file=tfds.features.Text(),  # relative to the folder
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -28,7 +28,7 @@ import itertools
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ldm_jax.data.builder import ArrayRecordBuilder, png_bytes
+from ldm_jax.data.builder import ArrayRecordBuilder, captioned_image_features, png_bytes
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -116,13 +116,12 @@ class Shapes(ArrayRecordBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "colour": tfds.features.ClassLabel(names=list(COLOURS)),
-                "shape": tfds.features.ClassLabel(names=list(SHAPES)),
-                "position": tfds.features.ClassLabel(names=list(PLACES)),
-            }),
+            features=captioned_image_features(
+                size,
+                colour=tfds.features.ClassLabel(names=list(COLOURS)),
+                shape=tfds.features.ClassLabel(names=list(SHAPES)),
+                position=tfds.features.ClassLabel(names=list(PLACES)),
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -1,8 +1,12 @@
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
+from ldm_jax.data import builder as builder_mod
 from ldm_jax.data import pipeline
 from tests.conftest import SMALL_SHAPES
 
@@ -96,3 +100,38 @@ def test_bad_config_is_a_clear_error(shapes_dir):
         pipeline.DataConfig.from_dict({"batch": 3})
     with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
         pipeline.load_source(config(shapes_dir, name="no_such_set", options=()))
+
+
+class ToyLabelled(builder_mod.ArrayRecordBuilder):
+    """A user's own TFDS dataset (not one of ldm_jax's): 20x30 images with a class label, no captions."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "picture": tfds.features.Image(shape=(20, 30, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(12):
+            yield i, {"picture": builder_mod.png_bytes(np.full((20, 30, 3), 20 * i, np.uint8)), "label": i % 3}
+
+
+def test_any_prepared_tfds_dataset_by_name(tmp_path):
+    ToyLabelled(data_dir=str(tmp_path)).download_and_prepare()
+    cfg = pipeline.DataConfig(name="toy_labelled", data_dir=str(tmp_path), image_size=16, batch_size=4,
+                              image_key="picture", caption_key=None, label_key="label", shuffle=False)
+    batch = next(pipeline.make_batches(cfg, process_index=0, process_count=1))
+    assert set(batch) == {"image", "label", "index"}
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
+    records = ToyLabelled(data_dir=str(tmp_path)).as_data_source(split="train")
+    for j, i in enumerate(batch["index"]):
+        assert batch["label"][j] == records[int(i)]["label"]
+        want = np.full((16, 16, 3), records[int(i)]["picture"][0, 0, 0] / 127.5 - 1.0)
+        np.testing.assert_allclose(batch["image"][j], want, atol=1e-6)
+    with pytest.raises(ValueError, match="not prepared"):
+        pipeline.load_source(dataclasses.replace(cfg, data_dir=str(tmp_path / "empty")))

@@ -1,0 +1,78 @@
+"""The offline default: text-to-image on the built-in `shapes` set (32x32), trained from scratch.
+
+    python -m ldm_jax.train --config configs/base.py --workdir runs/base
+
+Stage 1 trains a small KL autoencoder (32x32x3 -> 8x8x4 latents), stage 2 a small text-conditional
+UNet on its latents with a from-scratch CLIP-architecture text encoder, on a 2-core CPU.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ("autoencoder", "ldm")
+
+    c.data = dict(
+        name="shapes", data_dir="~/.cache/ldm_jax/datasets", split="train", image_size=32,
+        batch_size=64, seed=0, shuffle=True, flip=False, num_workers=0,
+        image_key="image", caption_key="caption", label_key=None, options={},
+    )
+
+    c.autoencoder = dict(
+        kind="kl",  # "kl" | "vq" | "identity" (pixel-space diffusion)
+        source="train",  # "train" | "workdir:<path>" | "diffusers:<path>"
+        model=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+                   norm_num_groups=16, mid_block_add_attention=True),
+        vq=dict(num_codes=256, beta=0.25),  # used when kind="vq"
+        kl_weight=1e-6,
+        disc_start=-1,  # step at which the PatchGAN loss switches on; -1: never
+        disc_weight=0.5,
+        disc=dict(n_layers=2, base_channels=32),
+        lpips_weights=None,  # a local path to LPIPS weights, or None for no perceptual loss
+        steps=1500,
+        batch_size=64,
+        optim=dict(lr=1e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0),
+        scale_factor=None,  # None: 1/std of the first latents (LDM's scale_by_std); SD: 0.18215
+    )
+
+    c.text_encoder = dict(
+        source="scratch",  # "scratch" (trained jointly) | "diffusers:<path>" (pretrained, frozen)
+        train=True,
+        max_length=16,  # shapes captions are at most 9 tokens
+        model=dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu"),
+    )
+
+    c.unet = dict(
+        block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        num_attention_heads=4, cross_attention_dim=128, norm_num_groups=16, dropout=0.0,
+    )
+
+    c.conditioning = dict(kind="text", caption_dropout=0.1, num_classes=0)  # kind: "text" | "class"
+
+    c.diffusion = dict(
+        schedule="scaled_linear", num_timesteps=1000, zero_terminal_snr=False, schedule_kwargs={},
+        objective="simple", prediction="eps", variance="fixed_small",
+        weighting="min_snr", min_snr_gamma=5.0, timestep_sampler="uniform",
+    )
+
+    c.sampler = dict(name="dpm_solver++", num_steps=20, eta=0.0, guidance_scale=3.0,
+                     guidance_rescale=0.0, spacing="trailing")
+
+    c.optim = dict(lr=5e-4, warmup_steps=200, schedule="constant", weight_decay=0.0, b1=0.9,
+                   b2=0.999, eps=1e-8, grad_clip=1.0, grad_accum=1, ema_decay=0.999)
+
+    c.train = dict(
+        steps=3000, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,
+        max_nonfinite=20, dtype="float32", remat=False,
+        sample_prompts=("a red circle on the left", "a green square at the top",
+                        "a blue triangle in the center", "a yellow circle at the bottom",
+                        "a magenta square on the right", "a cyan triangle on the left"),
+    )
+
+    c.eval = dict(splits=("test", "heldout"), num_samples=256)
+    c.mesh = dict(data=-1, fsdp=1, shard_params=False)
+    return c

@@ -1,0 +1,1 @@
+"""Training: state, optimiser, sharded train steps, checkpoints, metric writing."""

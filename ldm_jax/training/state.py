@@ -1,0 +1,96 @@
+"""The training state and the one update rule every stage uses.
+
+`apply_gradients` applies an optax update, keeps an EMA of the parameters and skips the update
+(parameters, optimiser state and EMA untouched) when the loss or any gradient is non-finite,
+counting such steps so the loop can stop after too many in a row.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; a pytree, donated to the jitted step.
+
+    params / ema_params: the trainable parameters ({"unet": ..., "text_encoder": ...} or
+      {"autoencoder": ...}); opt_state: optax state for params; rng: the run's base key (each step
+      folds in the step number); nonfinite: updates skipped so far; nonfinite_streak: skipped in a
+      row; extra: stage-specific state (discriminator, batch statistics, timestep-sampler state).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+    nonfinite: jax.Array
+    nonfinite_streak: jax.Array
+    extra: Any = None
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation, rng, extra=None) -> "TrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params),
+            rng=rng,
+            nonfinite=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            extra=extra,
+        )
+
+
+def ema_decay_at(step, decay: float, warmup: bool = True):
+    """EMA decay at `step`: min(decay, (1 + step) / (10 + step)) with warm-up (as LDM / diffusers)."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def all_finite(*trees) -> jax.Array:
+    """True when every leaf of every tree is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def select_tree(pred, on_true, on_false):
+    """Leafwise jnp.where(pred, a, b) for two pytrees of the same structure."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation, *,
+                    ema_decay: float = 0.9999, ema_warmup: bool = True, extra=None) -> tuple[TrainState, dict]:
+    """One optimiser step with EMA, skipped entirely when `loss` or `grads` are not finite.
+
+    `extra` (optional) is the new stage-specific state, kept only when the step is taken.
+    Returns (new_state, {"grad_norm", "finite"}).
+    """
+    finite = all_finite(loss, grads)
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)  # no NaN into optax
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    taken = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema,
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        extra=state.extra if extra is None else extra,
+    )
+    skipped = state.replace(
+        step=state.step + 1,
+        nonfinite=state.nonfinite + 1,
+        nonfinite_streak=state.nonfinite_streak + 1,
+    )
+    new_state = select_tree(finite, taken, skipped)
+    return new_state, {"grad_norm": optax.global_norm(grads), "finite": finite}

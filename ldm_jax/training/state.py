@@ -21,7 +21,8 @@ class TrainState:
     params / ema_params: the trainable parameters ({"unet": ..., "text_encoder": ...} or
       {"autoencoder": ...}); opt_state: optax state for params; rng: the run's base key (each step
       folds in the step number); nonfinite: updates skipped so far; nonfinite_streak: skipped in a
-      row; extra: stage-specific state (discriminator, batch statistics, timestep-sampler state).
+      row now; max_nonfinite_streak: the longest such run (checked by the loop at logging steps);
+      extra: stage-specific state (discriminator, batch statistics, timestep-sampler state).
     """
 
     step: jax.Array
@@ -31,6 +32,7 @@ class TrainState:
     rng: jax.Array
     nonfinite: jax.Array
     nonfinite_streak: jax.Array
+    max_nonfinite_streak: jax.Array
     extra: Any = None
 
     @classmethod
@@ -43,6 +45,7 @@ class TrainState:
             rng=rng,
             nonfinite=jnp.zeros((), jnp.int32),
             nonfinite_streak=jnp.zeros((), jnp.int32),
+            max_nonfinite_streak=jnp.zeros((), jnp.int32),
             extra=extra,
         )
 
@@ -91,6 +94,7 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
         step=state.step + 1,
         nonfinite=state.nonfinite + 1,
         nonfinite_streak=state.nonfinite_streak + 1,
+        max_nonfinite_streak=jnp.maximum(state.max_nonfinite_streak, state.nonfinite_streak + 1),
     )
     new_state = select_tree(finite, taken, skipped)
-    return new_state, {"grad_norm": optax.global_norm(grads), "finite": finite}
+    return new_state, {"grad_norm": optax.tree.norm(grads), "finite": finite}

@@ -1,0 +1,63 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.training import optim
+from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
+
+
+def make(lr=0.1):
+    tx = optim.make_optimizer(lr=lr, total_steps=100, grad_clip=None)
+    return TrainState.create({"w": jnp.array([1.0, 2.0])}, tx, jax.random.PRNGKey(0)), tx
+
+
+def test_update_and_ema():
+    state, tx = make()
+    new, info = apply_gradients(state, {"w": jnp.array([1.0, -1.0])}, jnp.float32(0.5), tx, ema_decay=0.9, ema_warmup=False)
+    # Adam's first step moves each parameter by lr against the sign of its gradient.
+    np.testing.assert_allclose(new.params["w"], [0.9, 2.1], rtol=1e-5)
+    np.testing.assert_allclose(new.ema_params["w"], 0.9 * np.array([1.0, 2.0]) + 0.1 * np.array([0.9, 2.1]), rtol=1e-6)
+    assert int(new.step) == 1 and bool(info["finite"]) and int(new.nonfinite) == 0
+
+
+@pytest.mark.parametrize("bad", ["grad", "loss"])
+def test_nonfinite_step_is_skipped_and_counted(bad):
+    state, tx = make()
+    state = state.replace(extra={"x": jnp.zeros(())})
+    grads = {"w": jnp.array([jnp.nan if bad == "grad" else 1.0, 1.0])}
+    loss = jnp.float32(jnp.inf if bad == "loss" else 1.0)
+    new, info = apply_gradients(state, grads, loss, tx, extra={"x": jnp.ones(())})
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    np.testing.assert_array_equal(new.ema_params["w"], state.ema_params["w"])
+    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state)):
+        np.testing.assert_array_equal(a, b)
+    assert float(new.extra["x"]) == 0.0  # the new stage state of a skipped step is dropped too
+    assert int(new.step) == 1 and int(new.nonfinite) == 1 and int(new.nonfinite_streak) == 1
+    assert not bool(info["finite"])
+    again, _ = apply_gradients(new, grads, loss, tx)
+    good, _ = apply_gradients(again, {"w": jnp.ones(2)}, jnp.float32(1.0), tx)
+    assert int(again.nonfinite_streak) == 2 and int(good.nonfinite_streak) == 0
+    assert int(good.max_nonfinite_streak) == 2 and int(good.nonfinite) == 2
+
+
+def test_ema_warmup_and_lr_schedule():
+    assert float(ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+    f = optim.learning_rate_schedule(1.0, 10, 110, "cosine")
+    np.testing.assert_allclose([float(f(i)) for i in (0, 5, 10, 60, 110)], [0, 0.5, 1, 0.5, 0], atol=1e-6)
+    assert float(optim.learning_rate_schedule(1.0, 0, 100)(0)) == 1.0
+    with pytest.raises(ValueError, match="optim.schedule"):
+        optim.learning_rate_schedule(1.0, 0, 100, "linear")
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    tx = optim.make_optimizer(lr=0.1, total_steps=10, grad_clip=None, grad_accum=2)
+    state = TrainState.create({"w": jnp.zeros(1)}, tx, jax.random.PRNGKey(0))
+    s1, _ = apply_gradients(state, {"w": jnp.array([1.0])}, jnp.float32(0), tx)
+    np.testing.assert_array_equal(s1.params["w"], [0.0])  # first micro-batch: no update yet
+    s2, _ = apply_gradients(s1, {"w": jnp.array([3.0])}, jnp.float32(0), tx)
+    ref_tx = optim.make_optimizer(lr=0.1, total_steps=10, grad_clip=None)
+    ref, _ = apply_gradients(TrainState.create({"w": jnp.zeros(1)}, ref_tx, jax.random.PRNGKey(0)),
+                             {"w": jnp.array([2.0])}, jnp.float32(0), ref_tx)
+    np.testing.assert_allclose(s2.params["w"], ref.params["w"], rtol=1e-6)

@@ -28,11 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
         kl_weight=1e-6,
         disc_start=-1,  # step at which the PatchGAN loss switches on; -1: never
         disc_weight=0.5,
-        disc=dict(n_layers=2, base_channels=32),
+        disc=dict(n_layers=2, base_channels=32),  # PatchDiscriminator(**disc)
+        disc_optim=dict(lr=1e-3, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=None),  # LDM's Adam betas
         lpips_weights=None,  # a local path to LPIPS weights, or None for no perceptual loss
         steps=1500,
         batch_size=64,
-        optim=dict(lr=1e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0),
+        optim=dict(lr=1e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0,
+                   ema_decay=0.999),
         scale_factor=None,  # None: 1/std of the first latents (LDM's scale_by_std); SD: 0.18215
     )
 

@@ -41,7 +41,8 @@ class StageCheckpoints:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
-            item_names=("state", "data", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -80,6 +81,14 @@ class StageCheckpoints:
         self.check_shapes(target, step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"] or None, restored["meta"] or {}
+
+    def restore_raw(self, step: int | None = None) -> tuple[dict, Any, dict]:
+        """(state as saved: nested dicts of numpy arrays, data_state, meta), without a target
+        (for tools and tests that read a checkpoint without building the models)."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["data"] or None, restored["meta"] or {}
 
     def close(self) -> None:

@@ -15,15 +15,17 @@ AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all); -1 means "all the remaining devices"."""
+    """A (data, fsdp) mesh over `devices` (default: all). data=-1 uses every device; an explicit
+    data x fsdp smaller than the device count uses the first data x fsdp devices (one process)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices")
     data = n // fsdp if data == -1 else data
-    if data * fsdp != n:
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices (use data=-1)")
-    return Mesh(np.array(devices).reshape(data, fsdp), AXES)
+    if data < 1 or data * fsdp > n or (data * fsdp < n and jax.process_count() > 1):
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not fit the {n} devices "
+                         f"(use data=-1 for all of them)")
+    return Mesh(np.array(devices[: data * fsdp]).reshape(data, fsdp), AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,362 @@
+"""`train_and_evaluate(config, workdir)`: the stages, in order, each resumable.
+
+Stage 1 (autoencoder) and stage 2 (latent diffusion) share one loop (`run_stage`): restore the
+latest checkpoint of the stage or initialise, then `step(state, batch, frozen)` jitted once with
+the state's shardings and donated; scalars leave the device only at logging steps; checkpoints
+every `train.checkpoint_every` steps, at the end and on SIGTERM/SIGINT (then the run returns
+cleanly); a run of `train.max_nonfinite` skipped (non-finite) updates stops it with an error and
+leaves the last checkpoint as it was. The same workdir resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ldm_jax.data import pipeline
+from ldm_jax.evaluation import shapes as shapes_checker
+from ldm_jax.training import autoencoder_stage, ldm_stage, sharding
+from ldm_jax.training import config as config_lib
+from ldm_jax.training.checkpoint import StageCheckpoints
+from ldm_jax.training.writer import MetricWriter, image_grid, save_png
+
+log = logging.getLogger("ldm_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """JAX's persistent compilation cache (a second run does not recompile)."""
+    path = path or os.environ.get("LDM_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/ldm_jax/jax_cache"))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class Preemption:
+    """Turns SIGTERM / SIGINT into a flag the loop polls after each step (save, then return)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no preemption support
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("signal %d: saving a checkpoint, then stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class StageResult:
+    state: Any
+    status: str  # "done" | "preempted"
+    meta: dict
+
+
+def data_config(config, batch_size: int | None = None, split: str | None = None, **overrides) -> pipeline.DataConfig:
+    d = dict(config.data)
+    d["batch_size"] = batch_size or d["batch_size"]
+    d["split"] = split or d["split"]
+    if config.conditioning.kind == "text":
+        d["max_length"] = config.text_encoder.max_length
+    else:
+        d["caption_key"] = None  # labels only (class) or nothing (unconditional)
+    d.update(overrides)
+    return pipeline.DataConfig.from_dict(d)
+
+
+def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | None, init_fn: Callable,
+              step_fn: Callable, total_steps: int, data: pipeline.DataConfig, frozen=None,
+              meta: dict | None = None, on_log: Callable | None = None,
+              preemption: Preemption | None = None) -> StageResult:
+    """Run one stage to `total_steps` (resuming from its latest checkpoint). See the module docstring.
+
+    `meta` (JSON) is saved with every checkpoint; a restored checkpoint's meta wins.
+    """
+    t = config.train
+    ckpt = StageCheckpoints(workdir, name, keep=t.keep_checkpoints)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = sharding.tree_shardings(abstract, mesh, config.mesh.shard_params)
+    batches = pipeline.make_batches(data, mesh)
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, data_state, saved_meta = ckpt.restore(target)
+        meta = saved_meta or meta
+        if data_state:
+            batches.set_state(data_state)
+        log.info("%s: resumed from step %d", name, int(state.step))
+    else:
+        state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    meta = meta or {}
+    start = int(state.step)
+    if start >= total_steps:
+        ckpt.close()
+        return StageResult(state, "done", meta)
+
+    step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+    images_per_step = data.batch_size
+    bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
+    status, last_saved = "done", None
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        for i in range(start, total_steps):
+            batch = {k: v for k, v in next(batches).items() if k not in pipeline.HOST_ONLY}
+            state, metrics = step(state, batch, frozen)
+            window_steps += 1
+            bar.update(1)
+            done = i + 1
+            if done % t.log_every == 0 or done == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                metrics.update(images_per_s=window_steps * images_per_step / elapsed,
+                               step_time_s=elapsed / window_steps,
+                               skipped_steps=float(state.nonfinite))
+                window_start, window_steps = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+                if writer is not None:
+                    writer.write_scalars(done, {f"{name}/{k}": v for k, v in metrics.items()})
+                if int(state.max_nonfinite_streak) >= t.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{name}: {int(state.max_nonfinite_streak)} consecutive non-finite updates by step {done} "
+                        f"(train.max_nonfinite={t.max_nonfinite}); stopping. The last checkpoint "
+                        f"(step {ckpt.latest_step()}) is intact.")
+                if on_log is not None:
+                    on_log(done, state)
+            if preemption is not None and preemption.requested:
+                ckpt.save(done, state, batches.get_state(), meta)
+                status, last_saved = "preempted", done
+                break
+            if done % t.checkpoint_every == 0 or done == total_steps:
+                ckpt.save(done, state, batches.get_state(), meta)
+                last_saved = done
+    finally:
+        bar.close()
+        ckpt.close()
+    log.info("%s: %s at step %s", name, status, last_saved)
+    return StageResult(state, status, meta)
+
+
+def _is_shapes(config) -> bool:
+    """Whether the shapes checker can judge this run (shapes data with its captions)."""
+    return config.data.name == "shapes" and config.data.caption_key == "caption"
+
+
+def _is_shapes_text(config) -> bool:
+    return _is_shapes(config) and config.conditioning.kind == "text"
+
+
+def _eval_captions(config, split: str, count: int) -> list[str]:
+    source = pipeline.load_source(data_config(config, split=split))
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(source), size=min(count, len(source)), replace=False)
+    return [source[int(i)][config.data.caption_key].decode() for i in idx]
+
+
+def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | None, str]:
+    """Stage 1, or loading the autoencoder from where the config says. Returns (params, status)."""
+    ae = config.autoencoder
+    if ae.kind == "identity":
+        return {}, "done"
+    if ae.source.startswith("workdir:"):
+        return load_autoencoder_params(config, ae.source.split(":", 1)[1]), "done"
+    if ae.source.startswith("diffusers:"):
+        from ldm_jax.interop import diffusers as hf
+
+        return hf.load_diffusers_dir(ae.source.split(":", 1)[1]).vae_params, "done"
+    module = autoencoder_stage.make_autoencoder(ae, config.data.image_size)
+    result = run_stage(
+        "autoencoder", config=config, workdir=workdir, mesh=mesh, writer=writer,
+        init_fn=lambda rng: autoencoder_stage.init_state(config, rng),
+        step_fn=_without_frozen(autoencoder_stage.make_train_step(config)),
+        total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size), preemption=preemption,
+    )
+    params = result.state.params["autoencoder"]
+    if result.status == "done" and _is_shapes(config) and jax.process_index() == 0:
+        captions = _eval_captions(config, "test", config.eval.num_samples)
+        images = _render_captions(config, captions)
+        acc = autoencoder_stage.reconstruction_accuracy(module, params, images, captions, batch_size=64)
+        recon = autoencoder_stage.to_uint8(autoencoder_stage.reconstruct(module, params, images[:16]))
+        log.info("autoencoder reconstructions judged by the shapes checker: %s", acc)
+        if writer is not None:
+            writer.write_scalars(ae.steps, {f"autoencoder/recon_{k}": v for k, v in acc.items()})
+            writer.write_images(ae.steps, {"autoencoder/reconstructions": image_grid(np.concatenate([images[:16], recon]), cols=16)})
+    return params, result.status
+
+
+def _render_captions(config, captions) -> np.ndarray:
+    from ldm_jax.data import shapes
+
+    rng = np.random.default_rng(1)
+    return np.stack([shapes.render(config.data.image_size, *shapes_checker.parse_caption(c), rng) for c in captions])
+
+
+def _without_frozen(step_fn):
+    return lambda state, batch, frozen: step_fn(state, batch)
+
+
+def load_autoencoder_params(config, other_workdir: str) -> dict:
+    """The stage-1 parameters saved in another workdir (its latest autoencoder checkpoint)."""
+    ckpt = StageCheckpoints(other_workdir, "autoencoder")
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"autoencoder.source: no autoencoder checkpoint in {other_workdir}")
+    abstract = jax.eval_shape(lambda rng: autoencoder_stage.init_state(config, rng), jax.random.PRNGKey(0))
+    state, _, _ = ckpt.restore(abstract)
+    ckpt.close()
+    return state.params["autoencoder"]
+
+
+def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult:
+    models = ldm_stage.build_models(config)
+    frozen = {"autoencoder": ae_params, "scale": None}
+    if models.conditioning == "text" and config.text_encoder.source != "scratch" and config.text_encoder.train:
+        raise ValueError("text_encoder.train=True with a pretrained text_encoder.source (fine-tuning it) is not "
+                         "supported yet; set text_encoder.train=False to use it frozen")
+    if models.conditioning == "text" and not models.train_text_encoder:
+        from ldm_jax.interop import diffusers as hf
+
+        frozen["text_encoder"] = hf.load_diffusers_dir(config.text_encoder.source.split(":", 1)[1]).text_encoder_params
+    sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models))
+    prompts = list(config.train.sample_prompts)
+
+    def initial_meta():
+        scale = config.autoencoder.scale_factor
+        if config.autoencoder.kind == "identity":
+            scale = 1.0
+        elif scale is None:  # LDM's scale_by_std: 1/std of the latents of the first training batch
+            first = pipeline.make_batches(data_config(config), None, process_index=0, process_count=1)
+            images = jnp.asarray(next(first)["image"])
+            scale = autoencoder_stage.estimate_scale_factor(models.autoencoder, ae_params, images,
+                                                            jax.random.PRNGKey(config.seed))
+        return {"scale_factor": float(scale)}
+
+    frozen_holder = {}
+
+    def on_log(step, state):
+        if writer is None or step % config.train.sample_every:
+            return
+        write_samples(step, state)
+
+    def write_samples(step, state):
+        cond = ldm_stage.conditions_for(models, prompts=prompts, labels=list(range(len(prompts))))
+        images = np.asarray(sample_fn(state.ema_params, frozen_holder["frozen"], cond, jax.random.PRNGKey(0)))
+        grid = image_grid(images, cols=len(images))
+        writer.write_images(step, {"ldm/samples_ema": grid})
+        save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+
+    # The scale is needed by the step, so resolve it before the loop (from the checkpoint if any).
+    ckpt = StageCheckpoints(workdir, "ldm")
+    meta = {}
+    if ckpt.latest_step() is not None:
+        meta = ckpt.restore_raw()[2]
+    ckpt.close()
+    if not meta:
+        meta = initial_meta()
+    frozen["scale"] = jnp.float32(meta["scale_factor"])
+    frozen_holder["frozen"] = frozen
+    log.info("latent scale factor %.5f", meta["scale_factor"])
+    result = run_stage(
+        "ldm", config=config, workdir=workdir, mesh=mesh, writer=writer,
+        init_fn=lambda rng: ldm_stage.init_state(config, models, rng),
+        step_fn=ldm_stage.make_train_step(config, models), total_steps=config.train.steps,
+        data=data_config(config), frozen=frozen, meta=meta, on_log=on_log, preemption=preemption,
+    )
+    if result.status == "done" and writer is not None:
+        write_samples(config.train.steps, result.state)
+        if _is_shapes_text(config):
+            evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, result.state, frozen)
+    return result
+
+
+def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, state, frozen) -> dict:
+    """Shapes prompt accuracy of the EMA model on each eval split; logged and written to eval/."""
+    results = {}
+    for split in config.eval.splits:
+        captions = _eval_captions(config, split, config.eval.num_samples)
+        images = []
+        for start in range(0, len(captions), 64):
+            chunk = captions[start:start + 64]
+            chunk = chunk + [chunk[-1]] * (64 - len(chunk))  # one compiled batch shape
+            cond = ldm_stage.conditions_for(models, prompts=chunk)
+            images.append(np.asarray(sample_fn(state.ema_params, frozen, cond, jax.random.PRNGKey(start))))
+        images = np.concatenate(images)[: len(captions)]
+        results[split] = shapes_checker.accuracy(images, captions)
+        writer.write_scalars(config.train.steps, {f"eval/{split}/{k}": v for k, v in results[split].items()})
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"prompt_accuracy_{config.train.steps}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log.info("prompt accuracy: %s", results)
+    return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train the configured stages in `workdir` (resuming what is there); returns a summary."""
+    config_lib.validate(config)
+    enable_compilation_cache()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    for name, d in (("data", config.data), ("autoencoder", config.autoencoder)):
+        if d.batch_size % mesh.devices.size:
+            raise ValueError(f"{name}.batch_size={d.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+    writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    summary: dict = {"workdir": workdir}
+    timings = {}
+    try:
+        with Preemption() as preemption:
+            ae_params = {}
+            if "autoencoder" in config.stages or "ldm" in config.stages:
+                t0 = time.perf_counter()
+                if "autoencoder" in config.stages:
+                    ae_params, status = run_autoencoder(config, workdir, mesh, writer, preemption)
+                else:
+                    ae_params, status = _pretrained_or_own_autoencoder(config, workdir), "done"
+                timings["autoencoder_s"] = time.perf_counter() - t0
+                if status != "done":
+                    return {**summary, "status": status}
+            if "ldm" in config.stages:
+                t0 = time.perf_counter()
+                result = run_ldm(config, workdir, mesh, writer, preemption, ae_params)
+                timings["ldm_s"] = time.perf_counter() - t0
+                summary.update(status=result.status, step=int(result.state.step))
+            else:
+                summary["status"] = "done"
+    finally:
+        if writer is not None:
+            writer.close()
+    summary.update(timings)
+    return summary
+
+
+def _pretrained_or_own_autoencoder(config, workdir):
+    ae = config.autoencoder
+    if ae.kind == "identity":
+        return {}
+    if ae.source == "train":
+        return load_autoencoder_params(config, workdir)
+    return run_autoencoder(config, workdir, None, None, None)[0]

@@ -1,0 +1,113 @@
+"""End-to-end training on a tiny configuration: both stages, resume, faults, devices."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.training import loop, optim, sharding
+from ldm_jax.training.checkpoint import ShapeMismatchError, StageCheckpoints
+from ldm_jax.training.state import TrainState, apply_gradients
+from tests.training.tiny import tiny_config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def stage_state(workdir, stage):
+    ckpt = StageCheckpoints(workdir, stage)
+    step = ckpt.latest_step()
+    restored = ckpt.restore_raw(step)[0]
+    ckpt.close()
+    return step, restored
+
+
+@pytest.fixture(scope="module")
+def full_run(shapes_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary = loop.train_and_evaluate(tiny_config(shapes_dir), workdir)
+    return workdir, summary
+
+
+@pytest.mark.slow
+def test_both_stages_train_checkpoint_and_log(full_run):
+    workdir, summary = full_run
+    assert summary["status"] == "done" and summary["step"] == 4
+    assert stage_state(workdir, "autoencoder")[0] == 4 and stage_state(workdir, "ldm")[0] == 4
+    rows = read_metrics(workdir)
+    ldm_losses = [r["ldm/loss"] for r in rows if "ldm/loss" in r]
+    assert len(ldm_losses) == 2 and all(np.isfinite(ldm_losses))
+    assert any("autoencoder/recon_ok" in r for r in rows)
+    assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
+    with open(os.path.join(workdir, "eval", "prompt_accuracy_4.json")) as f:
+        acc = json.load(f)
+    assert set(acc) == {"test", "heldout"} and 0.0 <= acc["test"]["ok"] <= 1.0
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(workdir) for name in files)
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(full_run, shapes_dir, tmp_path):
+    """Stop after 2 steps of each stage and resume: the final parameters equal the uninterrupted run's."""
+    reference, _ = full_run
+    workdir = str(tmp_path)
+    first = tiny_config(shapes_dir, ae_steps=2)
+    first.stages = ("autoencoder",)
+    loop.train_and_evaluate(first, workdir)
+    loop.train_and_evaluate(tiny_config(shapes_dir, ldm_steps=2), workdir)
+    loop.train_and_evaluate(tiny_config(shapes_dir), workdir)
+    for stage in ("autoencoder", "ldm"):
+        (step_a, a), (step_b, b) = stage_state(reference, stage), stage_state(workdir, stage)
+        assert step_a == step_b == 4
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_give_the_same_losses(full_run, shapes_dir, tmp_path):
+    reference, _ = full_run
+    config = tiny_config(shapes_dir)
+    config.mesh.data = 1
+    loop.train_and_evaluate(config, str(tmp_path))
+    ref = [r for r in read_metrics(reference) if "ldm/loss" in r]
+    one = [r for r in read_metrics(str(tmp_path)) if "ldm/loss" in r]
+    np.testing.assert_allclose([r["ldm/loss"] for r in one], [r["ldm/loss"] for r in ref], rtol=1e-4)
+    np.testing.assert_allclose([r["autoencoder/loss"] for r in read_metrics(str(tmp_path)) if "autoencoder/loss" in r],
+                               [r["autoencoder/loss"] for r in read_metrics(reference) if "autoencoder/loss" in r], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_restoring_into_a_different_architecture_names_the_parameter(full_run, shapes_dir, tmp_path):
+    reference, _ = full_run
+    config = tiny_config(shapes_dir, ldm_steps=6)
+    config.unet.block_out_channels = (16, 48)
+    with pytest.raises(ShapeMismatchError, match=r"params/unet/.* has shape .*, but the config gives"):
+        loop.train_and_evaluate(config, reference)
+
+
+def test_nonfinite_updates_stop_the_run_and_keep_the_last_checkpoint(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir)
+    config.train.max_nonfinite = 2
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    tx = optim.make_optimizer(lr=0.1, total_steps=10)
+
+    def init_fn(rng):
+        return TrainState.create({"w": jnp.ones(3)}, tx, rng)
+
+    def step_fn(state, batch, frozen):  # the loss turns NaN from the 4th step on
+        loss_of = lambda p: jnp.mean(p["w"] ** 2) * jnp.mean(batch["image"] ** 2)  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        loss = jnp.where(state.step >= 3, jnp.nan, loss)
+        state, info = apply_gradients(state, grads, loss, tx)
+        return state, {"loss": loss, **info}
+
+    mesh = sharding.make_mesh()
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite updates by step 5.*step 4\\) is intact"):
+        loop.run_stage("toy", config=config, workdir=str(tmp_path), mesh=mesh, writer=None, init_fn=init_fn,
+                       step_fn=step_fn, total_steps=10, data=loop.data_config(config))
+    step, state = stage_state(str(tmp_path), "toy")
+    assert step == 4 and int(state["nonfinite"]) == 1 and np.all(np.isfinite(state["params"]["w"]))

@@ -27,6 +27,8 @@ def main(argv):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts talk over gloo
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     logging.getLogger("ldm_jax").setLevel(logging.INFO)
+    logging.getLogger("ldm_jax").info("%d devices over %d processes (this is process %d)",
+                                      jax.device_count(), jax.process_count(), jax.process_index())
     from ldm_jax.training.loop import train_and_evaluate
 
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)

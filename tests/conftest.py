@@ -21,7 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
-SMALL_SHAPES = dict(image_size=32, train_size=600, test_size=200, heldout_size=120)
+from tests.sizes import SMALL_SHAPES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -295,7 +295,6 @@ def _check_autoencoder(config) -> None:
         raise ValueError(f"autoencoder.vq.num_codes={ae.vq.num_codes} must be at least 2")
     _positive_int("autoencoder.steps", ae.steps)
     _positive_int("autoencoder.batch_size", ae.batch_size)
-    _check_optim(ae.optim, "autoencoder.optim")
     if not ae.disc_optim.lr > 0:
         raise ValueError(f"autoencoder.disc_optim.lr={ae.disc_optim.lr} must be positive")
     if ae.scale_factor is not None and not ae.scale_factor > 0:

@@ -160,6 +160,24 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
     return StageResult(state, status, meta)
 
 
+def to_host(tree):
+    """Numpy copies of (global) arrays on every process. With several processes, arrays that are
+    not replicated are gathered (a collective: every process must call this). Evaluation then
+    runs on process 0's own device."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
 def _is_shapes(config) -> bool:
     """Whether the shapes checker can judge this run (shapes data with its captions)."""
     return config.data.name == "shapes" and config.data.caption_key == "caption"
@@ -195,11 +213,13 @@ def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | N
         total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size), preemption=preemption,
     )
     params = result.state.params["autoencoder"]
+    if result.status == "done" and _is_shapes(config):
+        host_params = to_host(params)  # every process takes part; process 0 evaluates
     if result.status == "done" and _is_shapes(config) and jax.process_index() == 0:
         captions = _eval_captions(config, "test", config.eval.num_samples)
         images = _render_captions(config, captions)
-        acc = autoencoder_stage.reconstruction_accuracy(module, params, images, captions, batch_size=64)
-        recon = autoencoder_stage.to_uint8(autoencoder_stage.reconstruct(module, params, images[:16]))
+        acc = autoencoder_stage.reconstruction_accuracy(module, host_params, images, captions, batch_size=64)
+        recon = autoencoder_stage.to_uint8(autoencoder_stage.reconstruct(module, host_params, images[:16]))
         log.info("autoencoder reconstructions judged by the shapes checker: %s", acc)
         if writer is not None:
             writer.write_scalars(ae.steps, {f"autoencoder/recon_{k}": v for k, v in acc.items()})
@@ -256,13 +276,15 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     frozen_holder = {}
 
     def on_log(step, state):
-        if writer is None or step % config.train.sample_every:
+        if step % config.train.sample_every:
             return
-        write_samples(step, state)
+        ema = to_host(state.ema_params)  # on every process; process 0 samples and writes
+        if writer is not None:
+            write_samples(step, ema)
 
-    def write_samples(step, state):
+    def write_samples(step, ema_params):
         cond = ldm_stage.conditions_for(models, prompts=prompts, labels=list(range(len(prompts))))
-        images = np.asarray(sample_fn(state.ema_params, frozen_holder["frozen"], cond, jax.random.PRNGKey(0)))
+        images = np.asarray(sample_fn(ema_params, frozen_holder["host"], cond, jax.random.PRNGKey(0)))
         grid = image_grid(images, cols=len(images))
         writer.write_images(step, {"ldm/samples_ema": grid})
         save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
@@ -275,8 +297,9 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     ckpt.close()
     if not meta:
         meta = initial_meta()
-    frozen["scale"] = jnp.float32(meta["scale_factor"])
-    frozen_holder["frozen"] = frozen
+    frozen["scale"] = np.float32(meta["scale_factor"])
+    frozen_holder["host"] = to_host(frozen)
+    frozen = jax.device_put(frozen_holder["host"], sharding.replicated(mesh))  # placed once, not per step
     log.info("latent scale factor %.5f", meta["scale_factor"])
     result = run_stage(
         "ldm", config=config, workdir=workdir, mesh=mesh, writer=writer,
@@ -284,14 +307,16 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
         step_fn=ldm_stage.make_train_step(config, models), total_steps=config.train.steps,
         data=data_config(config), frozen=frozen, meta=meta, on_log=on_log, preemption=preemption,
     )
-    if result.status == "done" and writer is not None:
-        write_samples(config.train.steps, result.state)
-        if _is_shapes_text(config):
-            evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, result.state, frozen)
+    if result.status == "done":
+        ema = to_host(result.state.ema_params)
+        if writer is not None:
+            write_samples(config.train.steps, ema)
+            if _is_shapes_text(config):
+                evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema, frozen_holder["host"])
     return result
 
 
-def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, state, frozen) -> dict:
+def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema_params, frozen) -> dict:
     """Shapes prompt accuracy of the EMA model on each eval split; logged and written to eval/."""
     results = {}
     for split in config.eval.splits:
@@ -301,7 +326,7 @@ def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, state, 
             chunk = captions[start:start + 64]
             chunk = chunk + [chunk[-1]] * (64 - len(chunk))  # one compiled batch shape
             cond = ldm_stage.conditions_for(models, prompts=chunk)
-            images.append(np.asarray(sample_fn(state.ema_params, frozen, cond, jax.random.PRNGKey(start))))
+            images.append(np.asarray(sample_fn(ema_params, frozen, cond, jax.random.PRNGKey(start))))
         images = np.concatenate(images)[: len(captions)]
         results[split] = shapes_checker.accuracy(images, captions)
         writer.write_scalars(config.train.steps, {f"eval/{split}/{k}": v for k, v in results[split].items()})

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from ldm_jax.data import builder as builder_mod
 from ldm_jax.data import pipeline
-from tests.conftest import SMALL_SHAPES
+from tests.sizes import SMALL_SHAPES
 
 
 def config(shapes_dir, **kw):

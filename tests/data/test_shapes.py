@@ -5,7 +5,7 @@ import pytest
 
 from ldm_jax.data import builder, shapes
 from ldm_jax.evaluation import shapes as checker
-from tests.conftest import SMALL_SHAPES
+from tests.sizes import SMALL_SHAPES
 
 
 def read_split(data_dir, split):

@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from tests.conftest import SMALL_SHAPES
+from tests.sizes import SMALL_SHAPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

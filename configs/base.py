@@ -22,8 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder = dict(
         kind="kl",  # "kl" | "vq" | "identity" (pixel-space diffusion)
         source="train",  # "train" | "workdir:<path>" | "diffusers:<path>"
-        model=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-                   norm_num_groups=16, mid_block_add_attention=True),
+        model=dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
+                   norm_num_groups=8, mid_block_add_attention=True),
         vq=dict(num_codes=256, beta=0.25),  # used when kind="vq"
         kl_weight=1e-6,
         disc_start=-1,  # step at which the PatchGAN loss switches on; -1: never
@@ -31,8 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
         disc=dict(n_layers=2, base_channels=32),  # PatchDiscriminator(**disc)
         disc_optim=dict(lr=1e-3, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=None),  # LDM's Adam betas
         lpips_weights=None,  # a local path to LPIPS weights, or None for no perceptual loss
-        steps=1500,
-        batch_size=64,
+        steps=1200,
+        batch_size=32,
         optim=dict(lr=1e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0,
                    ema_decay=0.999),
         scale_factor=None,  # None: 1/std of the first latents (LDM's scale_by_std); SD: 0.18215
@@ -47,10 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.unet = dict(
-        block_out_channels=(64, 128), layers_per_block=1,
+        block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        num_attention_heads=4, cross_attention_dim=128, norm_num_groups=16, dropout=0.0,
+        num_attention_heads=2, cross_attention_dim=128, norm_num_groups=16, dropout=0.0,
     )
 
     c.conditioning = dict(kind="text", caption_dropout=0.1, num_classes=0)  # kind: "text" | "class"
@@ -64,11 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler = dict(name="dpm_solver++", num_steps=20, eta=0.0, guidance_scale=3.0,
                      guidance_rescale=0.0, spacing="trailing")
 
-    c.optim = dict(lr=5e-4, warmup_steps=200, schedule="constant", weight_decay=0.0, b1=0.9,
+    c.optim = dict(lr=5e-4, warmup_steps=100, schedule="constant", weight_decay=0.0, b1=0.9,
                    b2=0.999, eps=1e-8, grad_clip=1.0, grad_accum=1, ema_decay=0.999)
 
     c.train = dict(
-        steps=3000, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,
+        steps=2000, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,
         max_nonfinite=20, dtype="float32", remat=False,
         sample_prompts=("a red circle on the left", "a green square at the top",
                         "a blue triangle in the center", "a yellow circle at the bottom",

@@ -210,7 +210,8 @@ def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | N
         "autoencoder", config=config, workdir=workdir, mesh=mesh, writer=writer,
         init_fn=lambda rng: autoencoder_stage.init_state(config, rng),
         step_fn=_without_frozen(autoencoder_stage.make_train_step(config)),
-        total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size), preemption=preemption,
+        total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size, caption_key=None),
+        preemption=preemption,  # stage 1 needs images only: no tokenisation
     )
     params = result.state.params["autoencoder"]
     if result.status == "done" and _is_shapes(config):

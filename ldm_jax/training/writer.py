@@ -45,6 +45,7 @@ class MetricWriter:
         for name, value in values.items():
             self._events.add_scalar(name, value, step)
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()  # a line per logging step, readable while the run goes on
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Images at `step`: each uint8 [H, W, 3], or [N, H, W, 3] (laid out with `image_grid`)."""

@@ -361,29 +361,23 @@ def export_diffusers_dir(path, components: DiffusersComponents) -> pathlib.Path:
     root.mkdir(parents=True, exist_ok=True)
     c = components
 
-    unet_kwargs = module_kwargs(c.unet)
-    folder = root / "unet"
-    folder.mkdir(exist_ok=True)
-    _write_json({**unet_weights.unet_config_from_kwargs(unet_kwargs),
-                 "_diffusers_version": DIFFUSERS_VERSION}, folder / "config.json")
-    _save_safetensors(unet_weights.unet_state_dict_from_params(c.unet_params, unet_kwargs),
-                      folder / "diffusion_pytorch_model.safetensors")
+    def write_component(name, config, state_dict, weights_file="diffusion_pytorch_model.safetensors"):
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        _write_json(config, folder / "config.json")
+        _save_safetensors(state_dict, folder / weights_file)
 
+    unet_kwargs = module_kwargs(c.unet)
+    write_component("unet", {**unet_weights.unet_config_from_kwargs(unet_kwargs), "_diffusers_version": DIFFUSERS_VERSION},
+                    unet_weights.unet_state_dict_from_params(c.unet_params, unet_kwargs))
     vae_kwargs = module_kwargs(c.vae)
-    folder = root / "vae"
-    folder.mkdir(exist_ok=True)
-    _write_json({**vae_weights.vae_config_from_kwargs(vae_kwargs),
-                 "_diffusers_version": DIFFUSERS_VERSION}, folder / "config.json")
-    _save_safetensors(vae_weights.vae_state_dict_from_params(c.vae_params, vae_kwargs),
-                      folder / "diffusion_pytorch_model.safetensors")
+    write_component("vae", {**vae_weights.vae_config_from_kwargs(vae_kwargs), "_diffusers_version": DIFFUSERS_VERSION},
+                    vae_weights.vae_state_dict_from_params(c.vae_params, vae_kwargs))
 
     text_kwargs = module_kwargs(c.text_encoder)
-    folder = root / "text_encoder"
-    folder.mkdir(exist_ok=True)
-    _write_json(clip_weights.text_encoder_config_from_kwargs(text_kwargs), folder / "config.json")
     text_sd = clip_weights.text_encoder_state_dict_from_params(c.text_encoder_params, text_kwargs)
-    _save_safetensors({"text_model." + k: v for k, v in text_sd.items()},
-                      folder / "model.safetensors")
+    write_component("text_encoder", clip_weights.text_encoder_config_from_kwargs(text_kwargs),
+                    {"text_model." + k: v for k, v in text_sd.items()}, "model.safetensors")
 
     tokenizer = c.tokenizer if c.tokenizer is not None else make_tokenizer(
         c.text_encoder.max_position_embeddings)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -119,7 +120,8 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
 
     step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     images_per_step = data.batch_size
-    bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a line every 30 s in log files
     status, last_saved = "done", None
     window_start, window_steps = time.perf_counter(), 0
     try:

@@ -132,8 +132,8 @@ BAD = {  # id: (mutation of base, substrings the message must contain)
     "data_name_empty": (_set("data.name", ""), ["data.name", "shapes"]),
     "stages_unknown": (_set("stages", ("autoencoder", "sampling")), ["stages", "'ldm'"]),
     # impossible shapes
-    "unet_norm_groups": (_set("unet.norm_num_groups", 24), ["unet.norm_num_groups", "64"]),
-    "unet_heads": (_set("unet.num_attention_heads", 3), ["unet.num_attention_heads", "64"]),
+    "unet_norm_groups": (_set("unet.norm_num_groups", 24), ["unet.norm_num_groups", "entry 32"]),
+    "unet_heads": (_set("unet.num_attention_heads", 3), ["unet.num_attention_heads", "entry 32"]),
     "unet_heads_per_level": (_replace_in("unet", num_attention_heads=(4, 4, 4)),
                              ["unet.num_attention_heads", "(2)"]),
     "unet_block_types_length": (_set("unet.up_block_types", ("UpBlock2D",)), ["unet.up_block_types", "2"]),

@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ldm_jax.interop.mapping import flatten, param_shapes, params_from_state_dict, same, state_dict_from_params
 

@@ -23,7 +23,7 @@ from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer, tokeniz
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import autoencoder_stage, optim
 from ldm_jax.training import config as config_lib
-from ldm_jax.training.state import TrainState, apply_gradients
+from ldm_jax.training.state import TrainState, apply_gradients, merge_params, split_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +92,25 @@ def init_params(config, models: Models, rng) -> dict:
     return params
 
 
+TOKEN_EMBEDDING = ("text_encoder", "embeddings", "token_embedding")
+
+
+def frozen_paths(config, models: Models) -> tuple:
+    """Trainable-parameter subtrees kept at their initial values. With
+    text_encoder.train_token_embedding=False the jointly trained text encoder keeps its random
+    token table ([49408, D], nearly all of its parameters, of which a small caption vocabulary uses
+    a few rows) fixed: the layers above learn to read it, and the step skips its optimiser and EMA
+    updates."""
+    if models.train_text_encoder and not config.text_encoder.train_token_embedding:
+        return (TOKEN_EMBEDDING,)
+    return ()
+
+
 def init_state(config, models: Models, rng) -> TrainState:
     k_params, k_run = jax.random.split(rng)
     extra = {"timesteps": make_timestep_sampler(config).init()}
-    return TrainState.create(init_params(config, models, k_params), make_optimizer(config), k_run, extra=extra)
+    return TrainState.create(init_params(config, models, k_params), make_optimizer(config), k_run, extra=extra,
+                             frozen_paths=frozen_paths(config, models))
 
 
 def context_fn(models: Models):
@@ -115,9 +130,11 @@ def context_fn(models: Models):
 
 
 def encode_latents(models: Models, frozen, images, rng):
-    """z0 = scale * a sample of the frozen autoencoder's posterior (no gradient)."""
-    posterior = models.autoencoder.apply({"params": frozen["autoencoder"]}, images, method="encode")
-    return jax.lax.stop_gradient(posterior.sample(rng) * frozen["scale"])
+    """z0 = scale * a sample of the frozen autoencoder's posterior (no gradient). A VQ model's
+    `encode` gives its continuous pre-quantisation latents (LDM's VQ path): those, as they are."""
+    latents = models.autoencoder.apply({"params": frozen["autoencoder"]}, images, method="encode")
+    z = latents.sample(rng) if hasattr(latents, "sample") else latents
+    return jax.lax.stop_gradient(z * frozen["scale"])
 
 
 def make_train_step(config, models: Models):
@@ -152,7 +169,10 @@ def make_train_step(config, models: Models):
         t, weights = ts_sampler.sample(state.extra["timesteps"], k_t, z0.shape[0])
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
 
-        def objective(params):
+        trainable, fixed = split_params(state.params, state.frozen_paths)
+
+        def objective(trainable):
+            params = merge_params(trainable, fixed)
             context = get_context(params, frozen, cond)
             rngs = {"dropout": k_dropout} if unet_dropout else {}
 
@@ -162,7 +182,7 @@ def make_train_step(config, models: Models):
             terms = loss_fn(model_fn, z0, t, noise)
             return jnp.mean(terms.loss * weights), terms
 
-        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         extra = {"timesteps": ts_sampler.update(state.extra["timesteps"], t, terms.vb)}
         state, info = apply_gradients(state, grads, loss, tx, ema_decay=config.optim.ema_decay, extra=extra)
         metrics = {"loss": loss, "mse": jnp.mean(terms.mse), "vb": jnp.mean(terms.vb), **info}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,7 +23,10 @@ class TrainState:
       {"autoencoder": ...}); opt_state: optax state for params; rng: the run's base key (each step
       folds in the step number); nonfinite: updates skipped so far; nonfinite_streak: skipped in a
       row now; max_nonfinite_streak: the longest such run (checked by the loop at logging steps);
-      extra: stage-specific state (discriminator, batch statistics, timestep-sampler state).
+      extra: stage-specific state (discriminator, batch statistics, timestep-sampler state);
+      frozen_paths: static; parameter subtrees (key paths such as ("text_encoder", "embeddings",
+      "token_embedding")) kept in params and ema_params but never optimised: no gradient, no
+      optimiser state, no EMA update (see `split_params`).
     """
 
     step: jax.Array
@@ -34,20 +38,48 @@ class TrainState:
     nonfinite_streak: jax.Array
     max_nonfinite_streak: jax.Array
     extra: Any = None
+    frozen_paths: tuple = flax.struct.field(pytree_node=False, default=())
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, rng, extra=None) -> "TrainState":
+    def create(cls, params, tx: optax.GradientTransformation, rng, extra=None,
+               frozen_paths: tuple = ()) -> "TrainState":
+        frozen_paths = tuple(tuple(p) for p in frozen_paths)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=tx.init(params),
+            opt_state=tx.init(split_params(params, frozen_paths)[0]),
             ema_params=jax.tree.map(jnp.copy, params),
             rng=rng,
             nonfinite=jnp.zeros((), jnp.int32),
             nonfinite_streak=jnp.zeros((), jnp.int32),
             max_nonfinite_streak=jnp.zeros((), jnp.int32),
             extra=extra,
+            frozen_paths=frozen_paths,
         )
+
+
+def split_params(params, frozen_paths) -> tuple[dict, dict]:
+    """(trainable, fixed): the nested dict `params` cut into the subtrees under `frozen_paths` and
+    the rest; `merge_params` puts them back together. With no frozen paths: (params, {})."""
+    if not frozen_paths:
+        return params, {}
+    flat = flax.traverse_util.flatten_dict(params)
+    missing = [p for p in frozen_paths if not any(k[:len(p)] == tuple(p) for k in flat)]
+    if missing:
+        raise KeyError(f"frozen parameter path {'/'.join(missing[0])} is not in the parameters")
+    is_fixed = lambda k: any(k[:len(p)] == tuple(p) for p in frozen_paths)
+    trainable = {k: v for k, v in flat.items() if not is_fixed(k)}
+    fixed = {k: v for k, v in flat.items() if is_fixed(k)}
+    return flax.traverse_util.unflatten_dict(trainable), flax.traverse_util.unflatten_dict(fixed)
+
+
+def merge_params(trainable: dict, fixed: dict) -> dict:
+    """The inverse of `split_params`."""
+    if not fixed:
+        return trainable
+    flat = flax.traverse_util.flatten_dict(trainable)
+    flat.update(flax.traverse_util.flatten_dict(fixed))
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def ema_decay_at(step, decay: float, warmup: bool = True):
@@ -73,15 +105,22 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
                     ema_decay: float = 0.9999, ema_warmup: bool = True, extra=None) -> tuple[TrainState, dict]:
     """One optimiser step with EMA, skipped entirely when `loss` or `grads` are not finite.
 
+    `grads` covers the trainable parameters only (`split_params(state.params, state.frozen_paths)[0]`);
+    frozen subtrees pass through unchanged.
+
     `extra` (optional) is the new stage-specific state, kept only when the step is taken.
     Returns (new_state, {"grad_norm", "finite"}).
     """
     finite = all_finite(loss, grads)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)  # no NaN into optax
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, fixed = split_params(state.params, state.frozen_paths)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    params = merge_params(trainable, fixed)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    ema_trainable, ema_fixed = split_params(state.ema_params, state.frozen_paths)
+    ema = merge_params(jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_trainable, trainable),
+                       ema_fixed)
     taken = state.replace(
         step=state.step + 1,
         params=params,

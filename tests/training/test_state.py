@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.training import optim
-from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
+from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, merge_params, split_params
 
 
 def make(lr=0.1):
@@ -61,3 +61,22 @@ def test_gradient_accumulation_averages_micro_batches():
     ref, _ = apply_gradients(TrainState.create({"w": jnp.zeros(1)}, ref_tx, jax.random.PRNGKey(0)),
                              {"w": jnp.array([2.0])}, jnp.float32(0), ref_tx)
     np.testing.assert_allclose(s2.params["w"], ref.params["w"], rtol=1e-6)
+
+
+def test_frozen_paths_are_kept_out_of_the_optimiser_and_the_ema():
+    tx = optim.make_optimizer(lr=0.1, total_steps=100, grad_clip=None)
+    params = {"enc": {"table": jnp.array([5.0, 6.0]), "w": jnp.array([1.0])}, "head": jnp.array([2.0])}
+    state = TrainState.create(params, tx, jax.random.PRNGKey(0), frozen_paths=[("enc", "table")])
+    trainable, fixed = split_params(state.params, state.frozen_paths)
+    assert set(trainable) == {"enc", "head"} and set(trainable["enc"]) == {"w"}
+    assert jax.tree.leaves(fixed) == [state.params["enc"]["table"]]
+    assert all(x.shape != (2,) for x in jax.tree.leaves(state.opt_state))  # no Adam moments for the table
+    new, _ = apply_gradients(state, {"enc": {"w": jnp.array([1.0])}, "head": jnp.array([-1.0])},
+                             jnp.float32(0.0), tx, ema_decay=0.5, ema_warmup=False)
+    np.testing.assert_allclose(new.params["enc"]["w"], [0.9], rtol=1e-6)
+    np.testing.assert_allclose(new.params["head"], [2.1], rtol=1e-6)
+    np.testing.assert_array_equal(new.params["enc"]["table"], [5.0, 6.0])
+    np.testing.assert_array_equal(new.ema_params["enc"]["table"], [5.0, 6.0])
+    assert merge_params(*split_params(new.params, new.frozen_paths)) == new.params
+    with pytest.raises(KeyError, match="enc/nope"):
+        split_params(params, [("enc", "nope")])

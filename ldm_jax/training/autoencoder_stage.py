@@ -1,16 +1,21 @@
 """Stage 1: train the image autoencoder (LDM's first stage) and the helpers the LDM stage uses.
 
-The loss is LDM's ``LPIPSWithDiscriminator`` / ``VQLPIPSWithDiscriminator`` without LPIPS and
-without the learned log-variance scalar (it starts at 0 and LDM's configs leave it near there):
+The loss is LDM's ``LPIPSWithDiscriminator`` / ``VQLPIPSWithDiscriminator`` without the learned
+log-variance scalar (it starts at 0 and LDM's configs leave it near there):
 
   loss = rec + reg + [step >= disc_start] * adaptive_weight * g_loss
 
-  rec   = mean |x - x̂| (L1, per pixel and channel)
+  rec   = mean |x - x̂| + perceptual_weight * p_loss   (L1 per pixel and channel; LDM adds the
+          per-image p_loss to every element, so the mean adds the batch mean)
+  p_loss = mean_b LPIPS(x_b, x̂_b), only when ``autoencoder.lpips_weights`` names a weights file
+          (``ldm_jax.models.lpips``); frozen, passed to the step in ``frozen["lpips"]`` (see
+          ``load_frozen``). perceptual_weight: ``autoencoder.perceptual_weight``, LDM's 1.0.
   reg   = KL:  kl_weight * mean_b KL_b / (H * W * C)   (KL_b summed over latent dims)
           VQ:  codebook + beta * commitment (the quantiser's loss; codebook weight 1 as in LDM)
   g_loss = -mean D(x̂)
   adaptive_weight = disc_weight * clip(|∇_K rec| / (|∇_K g_loss| + 1e-4), 0, 1e4), K the
-          decoder's last conv kernel, treated as a constant (LDM's ``calculate_adaptive_weight``).
+          decoder's last conv kernel, treated as a constant (LDM's ``calculate_adaptive_weight``;
+          rec includes the perceptual term, as LDM's nll_loss does).
 
 KL normalisation: LDM sums the reconstruction over pixels and the KL over latent dims, both
 averaged over the batch. Here the reconstruction is a per-element mean, so the KL is divided by
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable
 
 import flax.linen as nn
@@ -35,6 +41,7 @@ import numpy as np
 import optax
 
 from ldm_jax.evaluation import shapes as shapes_eval
+from ldm_jax.models import lpips
 from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAutoencoder
 from ldm_jax.training.optim import make_optimizer
 from ldm_jax.training.state import TrainState, all_finite, apply_gradients
@@ -173,6 +180,31 @@ def l1_loss(images: jax.Array, recon: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(images.astype(jnp.float32) - recon))
 
 
+def perceptual_loss(lpips_params, images: jax.Array, recon: jax.Array) -> jax.Array:
+    """p_loss = mean_b LPIPS(x_b, x̂_b) with the frozen ``lpips_params`` (the module's widths
+    are read from their shapes)."""
+    module = lpips.LPIPS(channels=lpips.channels_of(lpips_params))
+    return jnp.mean(module.apply({"params": lpips_params}, images.astype(jnp.float32), recon))
+
+
+def _reconstruction_fn(ae_config) -> Callable:
+    """``rec(images, recon, frozen) -> (rec_loss, metrics)``: L1, plus ``perceptual_weight *
+    p_loss`` (metric ``p_loss``) when ``autoencoder.lpips_weights`` is set."""
+    if ae_config["lpips_weights"] is None:
+        return lambda images, recon, frozen: (l1_loss(images, recon), {})
+    weight = float(ae_config.get("perceptual_weight", 1.0))
+
+    def rec(images, recon, frozen):
+        if not frozen or "lpips" not in frozen:
+            raise ValueError("autoencoder.lpips_weights is set, but the step got no LPIPS "
+                             "parameters: call it as step(state, batch, frozen) with frozen = "
+                             "autoencoder_stage.load_frozen(config)")
+        p_loss = perceptual_loss(frozen["lpips"], images, recon)
+        return l1_loss(images, recon) + weight * p_loss, {"p_loss": p_loss}
+
+    return rec
+
+
 def last_layer_kernel(params) -> jax.Array:
     """The decoder's last conv kernel (the layer LDM's adaptive weight is measured on)."""
     return params["decoder"]["conv_out"]["kernel"]
@@ -226,10 +258,32 @@ def make_discriminator(ae_config) -> PatchDiscriminator:
     return PatchDiscriminator(**disc)
 
 
-def _check_losses(ae_config):
-    if ae_config["lpips_weights"] is not None:
-        raise ValueError("autoencoder.lpips_weights is set, but the LPIPS perceptual loss is not "
-                         "implemented; set autoencoder.lpips_weights=None (L1 reconstruction only)")
+def check_losses(ae_config):
+    """ValueError naming the key unless autoencoder.lpips_weights is None or an existing path and
+    autoencoder.perceptual_weight is a number >= 0."""
+    path = ae_config["lpips_weights"]
+    if path is not None and not (isinstance(path, (str, os.PathLike))
+                                 and os.path.exists(os.path.expanduser(path))):
+        raise ValueError(f"autoencoder.lpips_weights={path!r} is not an existing path; give a local "
+                         "LPIPS weights file (see ldm_jax.models.lpips for getting one), or None "
+                         "for L1 reconstruction only")
+    weight = ae_config.get("perceptual_weight", 1.0)
+    if not (isinstance(weight, (int, float)) and weight >= 0):
+        raise ValueError(f"autoencoder.perceptual_weight={weight!r} must be a number >= 0")
+
+
+def load_frozen(config) -> dict | None:
+    """The stage's frozen inputs, the step's third argument: ``{"lpips": params}`` read (once)
+    from ``autoencoder.lpips_weights``, or None without a perceptual loss."""
+    ae = config["autoencoder"]
+    check_losses(ae)
+    path = ae["lpips_weights"]
+    if path is None:
+        return None
+    try:
+        return {"lpips": lpips.load_params(path)}
+    except ValueError as e:
+        raise ValueError(f"autoencoder.lpips_weights={path!r}: {e}") from None
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -245,7 +299,7 @@ def init_state(config, rng: jax.Array) -> TrainState:
     ae = config["autoencoder"]
     size = int(config["data"]["image_size"])
     module = make_autoencoder(ae, size)
-    _check_losses(ae)
+    check_losses(ae)
     tx, _, disc_tx = _optimizers(ae)
     init_rng, sample_rng, disc_rng, state_rng = jax.random.split(rng, 4)
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -267,26 +321,28 @@ def step_rngs(state: TrainState) -> dict[str, jax.Array]:
     return dict(zip(("sample",), jax.random.split(rng, 1)))
 
 
-def make_train_step(config) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``train_step(state, batch) -> (state, metrics)`` for stage 1 (see the module docstring).
+def make_train_step(config) -> Callable[..., tuple[TrainState, dict]]:
+    """``train_step(state, batch, frozen=None) -> (state, metrics)`` for stage 1 (see the module
+    docstring); ``frozen`` is ``load_frozen(config)`` (the LPIPS parameters, not trained).
 
     Pure and un-jitted (the caller jits it once, with shardings and ``donate_argnums=0``). The
     generator update goes through ``apply_gradients``, which also receives the discriminator's
     new state (``extra``) and loss: a step with any non-finite loss or gradient is skipped whole.
-    Metrics (scalars): loss, rec_loss, kl | vq_loss, perplexity, codebook_usage, g_loss, d_loss,
-    adaptive_weight (the last three 0 before ``disc_start`` / without a discriminator),
-    grad_norm, finite.
+    Metrics (scalars): loss, rec_loss (L1 + weighted p_loss), p_loss (with LPIPS only),
+    kl | vq_loss, perplexity, codebook_usage, g_loss, d_loss, adaptive_weight (the last three 0
+    before ``disc_start`` / without a discriminator), grad_norm, finite.
     """
     ae = config["autoencoder"]
     kind = _check_kind(ae)
     module = make_autoencoder(ae, int(config["data"]["image_size"]))
-    _check_losses(ae)
+    check_losses(ae)
     forward = _forward_fn(module, kind, float(ae["kl_weight"]))
+    reconstruction = _reconstruction_fn(ae)
     tx, ema_decay, disc_tx = _optimizers(ae)
     disc_start, disc_weight = int(ae["disc_start"]), float(ae["disc_weight"])
     disc = make_discriminator(ae) if disc_tx is not None else None
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, frozen: dict | None = None):
         images = batch["image"].astype(jnp.float32)  # [B, S, S, 3] in [-1, 1]
         rngs = step_rngs(state)
         params = state.params["autoencoder"]
@@ -294,7 +350,8 @@ def make_train_step(config) -> Callable[[TrainState, dict], tuple[TrainState, di
         # reconstruction (rec + weighted GAN term) and on the regulariser's loss (1).
         (recon, reg_loss), ae_vjp, reg_metrics = jax.vjp(
             lambda p: forward(p, images, rngs["sample"]), params, has_aux=True)
-        rec_loss, rec_ct = jax.value_and_grad(l1_loss, argnums=1)(images, recon)
+        (rec_loss, rec_metrics), rec_ct = jax.value_and_grad(
+            lambda r: reconstruction(images, r, frozen), has_aux=True)(recon)
         zero = jnp.zeros((), jnp.float32)
         gan = dict(g_loss=zero, d_loss=zero, adaptive_weight=zero)
         gan_ct, extra, disc_finite = jnp.zeros_like(recon), state.extra, jnp.bool_(True)
@@ -308,7 +365,8 @@ def make_train_step(config) -> Callable[[TrainState, dict], tuple[TrainState, di
         checked_loss = jnp.where(disc_finite, loss, jnp.nan)
         state, update_metrics = apply_gradients(
             state, {"autoencoder": grads}, checked_loss, tx, ema_decay=ema_decay, extra=extra)
-        metrics = dict(loss=loss, rec_loss=rec_loss, **reg_metrics, **gan, **update_metrics)
+        metrics = dict(loss=loss, rec_loss=rec_loss, **rec_metrics, **reg_metrics, **gan,
+                       **update_metrics)
         return state, metrics
 
     return train_step

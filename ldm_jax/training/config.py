@@ -297,6 +297,8 @@ def _check_autoencoder(config) -> None:
     _positive_int("autoencoder.batch_size", ae.batch_size)
     if not ae.disc_optim.lr > 0:
         raise ValueError(f"autoencoder.disc_optim.lr={ae.disc_optim.lr} must be positive")
+    if "autoencoder" in config.stages and ae.source == "train":
+        autoencoder_stage.check_losses(ae)  # the LPIPS weights path and weight
     if ae.scale_factor is not None and not ae.scale_factor > 0:
         raise ValueError(f"autoencoder.scale_factor={ae.scale_factor!r} must be positive, or None "
                          "(1/std of the first latents)")

@@ -1,6 +1,7 @@
 """Stage 1 (autoencoder training): the hinge and adaptive-weight formulas against hand values and an
 independent jax.grad, the discriminator switching on at `disc_start` (untouched before), the step
-reducing the reconstruction loss on rendered shapes, non-finite steps skipped whole, the VQ and
+reducing the reconstruction loss on rendered shapes, non-finite steps skipped whole, the LPIPS
+perceptual term (frozen, from a weights file) against an independent computation, the VQ and
 identity variants, and the reconstruction-accuracy / scale-factor helpers."""
 import flax.linen as nn
 import jax
@@ -8,11 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import save_file
 
 from configs.base import get_config
 from ldm_jax.data import shapes as shapes_data
+from ldm_jax.models import lpips
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.training import autoencoder_stage as stage
+from tests.models.test_lpips import TINY as LPIPS_TINY
+from tests.models.test_lpips import random_state_dict
 
 SIZE = 32
 TINY_KL = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
@@ -80,8 +85,10 @@ def test_adaptive_weight_hand_values():
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"autoencoder\.kind.*kl, vq, identity"):
         stage.make_autoencoder(dict(kind="vqgan"), SIZE)
-    with pytest.raises(ValueError, match=r"autoencoder\.lpips_weights"):
-        stage.make_train_step(tiny_config(lpips_weights="/tmp/lpips.npz"))
+    with pytest.raises(ValueError, match=r"autoencoder\.lpips_weights.*not an existing path"):
+        stage.make_train_step(tiny_config(lpips_weights="/nonexistent/lpips.safetensors"))
+    with pytest.raises(ValueError, match=r"autoencoder\.perceptual_weight"):
+        stage.make_train_step(tiny_config(lpips_weights="/", perceptual_weight=-1.0))
     with pytest.raises(ValueError, match="norm_num_groups"):
         stage.make_autoencoder(
             dict(kind="kl", model=dict(block_out_channels=(8, 12), norm_num_groups=8)), SIZE)
@@ -201,6 +208,69 @@ def test_nonfinite_batch_skips_the_whole_step(gan_run, batch):
         assert tree_equal(getattr(new, field), getattr(state, field)), field
     assert int(new.nonfinite) == int(state.nonfinite) + 1 and int(new.nonfinite_streak) == 1
     assert int(new.step) == int(state.step) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS perceptual term
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+    """A tiny random-weight VGG16-shaped LPIPS, saved as safetensors with PyTorch's key names."""
+    path = tmp_path_factory.mktemp("lpips") / "lpips.safetensors"
+    save_file(random_state_dict(LPIPS_TINY, seed=0), str(path))
+    return path
+
+
+def test_lpips_step_matches_an_independent_computation(batch, lpips_file):
+    """One step with LPIPS: p_loss is the module's value on (x, x̂), rec_loss = L1 + 0.5 p_loss,
+    and the update's gradient includes the perceptual term; LPIPS itself is not trained."""
+    config = tiny_config(disc_start=-1, lpips_weights=str(lpips_file), perceptual_weight=0.5)
+    ae = config.autoencoder
+    frozen = stage.load_frozen(config)
+    state = stage.init_state(config, key(3))
+    assert set(state.params) == {"autoencoder"}
+    step = jax.jit(stage.make_train_step(config))
+    with pytest.raises(ValueError, match=r"load_frozen"):
+        step(state, batch)  # LPIPS configured but not passed: fails while tracing
+    _, m = step(state, batch, frozen)
+    m = jax.device_get(m)
+
+    module, perceptual = stage.make_autoencoder(ae, SIZE), lpips.LPIPS(channels=LPIPS_TINY)
+    x, sample_rng = batch["image"], stage.step_rngs(state)["sample"]
+
+    def terms(p, lpips_params):  # (L1, KL term, p_loss) on the step's posterior sample
+        recon, posterior = module.apply({"params": p}, x, rngs={"sample": sample_rng})
+        return (jnp.mean(jnp.abs(x - recon)), ae.kl_weight * jnp.mean(posterior.kl()) / (SIZE * SIZE * 3),
+                jnp.mean(perceptual.apply({"params": lpips_params}, x, recon)))
+
+    @jax.jit
+    def reference(params, lpips_params, perceptual_weight):
+        def loss(p):
+            l1, kl_term, p_loss = terms(p, lpips_params)
+            return l1 + kl_term + perceptual_weight * p_loss
+
+        return terms(params, lpips_params), optax.tree.norm(jax.grad(loss)(params))
+
+    args = state.params["autoencoder"], frozen["lpips"]
+    (l1, kl_term, p_loss), grad_norm = jax.device_get(reference(*args, 0.5))
+    _, grad_norm_without = jax.device_get(reference(*args, 0.0))  # same compiled function
+    np.testing.assert_allclose(m["p_loss"], p_loss, rtol=1e-5)
+    assert m["p_loss"] > 0
+    np.testing.assert_allclose(m["rec_loss"], l1 + 0.5 * p_loss, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], l1 + 0.5 * p_loss + kl_term, rtol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], grad_norm, rtol=1e-4)
+    assert abs(grad_norm - grad_norm_without) > 1e-3 * grad_norm  # the perceptual gradient is in
+
+
+def test_lpips_file_errors_name_the_config_key(tmp_path):
+    state = random_state_dict(LPIPS_TINY, seed=0)
+    state["features.7.weight"] = state["features.7.weight"][:, :4]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    config = tiny_config(lpips_weights=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"autoencoder\.lpips_weights=.*features\.7\.weight.*expected \(8, 8, 3, 3\)"):
+        stage.load_frozen(config)
+    assert stage.load_frozen(tiny_config()) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,5 +91,14 @@ class StageCheckpoints:
             state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["data"] or None, restored["meta"] or {}
 
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The metadata dict saved at `step` (default latest) alone: no arrays are read, so it
+        works on any number of devices."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"] or {}
+
     def close(self) -> None:
         self.manager.close()

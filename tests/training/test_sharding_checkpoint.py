@@ -44,6 +44,7 @@ def test_save_restore_round_trip(tmp_path):
     assert ckpt.manager.all_steps() == [8, 9]  # keep the last K
     restored, data, meta = ckpt.restore(jax.eval_shape(lambda: _state()))
     assert int(restored.step) == 9 and data == {"next_index": 14} and meta == {"scale_factor": 0.5}
+    assert ckpt.restore_meta() == {"scale_factor": 0.5} and ckpt.restore_meta(8) == {"scale_factor": 0.5}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         if a.dtype != jax.dtypes.float0:
             assert a.shape == b.shape

@@ -208,10 +208,13 @@ def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | N
 
         return hf.load_diffusers_dir(ae.source.split(":", 1)[1]).vae_params, "done"
     module = autoencoder_stage.make_autoencoder(ae, config.data.image_size)
+    frozen = autoencoder_stage.load_frozen(config)  # the LPIPS network's weights, or None
+    if frozen is not None:
+        frozen = jax.device_put(frozen, sharding.replicated(mesh))
     result = run_stage(
         "autoencoder", config=config, workdir=workdir, mesh=mesh, writer=writer,
         init_fn=lambda rng: autoencoder_stage.init_state(config, rng),
-        step_fn=_without_frozen(autoencoder_stage.make_train_step(config)),
+        step_fn=autoencoder_stage.make_train_step(config), frozen=frozen,
         total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size, caption_key=None),
         preemption=preemption,  # stage 1 needs images only: no tokenisation
     )
@@ -235,10 +238,6 @@ def _render_captions(config, captions) -> np.ndarray:
 
     rng = np.random.default_rng(1)
     return np.stack([shapes.render(config.data.image_size, *shapes_checker.parse_caption(c), rng) for c in captions])
-
-
-def _without_frozen(step_fn):
-    return lambda state, batch, frozen: step_fn(state, batch)
 
 
 def load_autoencoder_params(config, other_workdir: str) -> dict:
@@ -286,7 +285,10 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
             write_samples(step, ema)
 
     def write_samples(step, ema_params):
-        cond = ldm_stage.conditions_for(models, prompts=prompts, labels=list(range(len(prompts))))
+        # Class models: one sample per prompt slot, cycling through the real classes (labels past
+        # num_classes would be the null class, or out of the embedding table).
+        labels = [i % models.null_class for i in range(len(prompts))] if models.conditioning == "class" else None
+        cond = ldm_stage.conditions_for(models, prompts=prompts, labels=labels)
         images = np.asarray(sample_fn(ema_params, frozen_holder["host"], cond, jax.random.PRNGKey(0)))
         grid = image_grid(images, cols=len(images))
         writer.write_images(step, {"ldm/samples_ema": grid})
@@ -296,7 +298,7 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     ckpt = StageCheckpoints(workdir, "ldm")
     meta = {}
     if ckpt.latest_step() is not None:
-        meta = ckpt.restore_raw()[2]
+        meta = ckpt.restore_meta()
     ckpt.close()
     if not meta:
         meta = initial_meta()

@@ -5,7 +5,8 @@ numpy (timesteps, abar, coefficients), then runs one jitted `lax.scan` over it. 
 eta, x_T and the bound arguments of a `jax.tree_util.Partial` model are traced, so the program is
 compiled once per (model function, sampler, steps, shape) and reused for new seeds, prompts or
 parameters. Every sampler starts from x_T ~ N(0, I) in the variance-preserving parameterisation
-and returns x_0.
+and returns x_0. Two hooks serve image editing: `start_step` starts part-way down the plan from a
+given x_t (SDEdit), and `after_step` edits the state after every step (inpainting's blending).
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class _Config(NamedTuple):
     clip_x0: float | None
     order: int
     record_every: int
+    start_step: int
 
 
 def _plan(schedule: NoiseSchedule, sampler: str, num_steps: int, spacing: str, offset: int, karras_sigmas: bool):
@@ -123,6 +125,20 @@ def _plan(schedule: NoiseSchedule, sampler: str, num_steps: int, spacing: str, o
     return plan
 
 
+def alpha_bar_at(schedule: NoiseSchedule, sampler: str, num_steps: int, step: int, *, spacing: str = "leading",
+                 steps_offset: int = 0, karras_sigmas: bool = False) -> float:
+    """abar of the noise level at which step `step` (0-based) of `sample`'s plan starts: what
+    x_T must be noised to when sampling with `start_step=step` (SDEdit: x_t = sqrt(abar) x_0 +
+    sqrt(1 - abar) eps)."""
+    gaussian.check_choice("sampler", sampler, SAMPLERS)
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step must be in [0, num_steps={num_steps}), got {step}")
+    plan = _plan(schedule, sampler, int(num_steps), spacing, steps_offset, karras_sigmas)
+    if "sigma" in plan:
+        return float(1.0 / (1.0 + plan["sigma"][step] ** 2))
+    return float(plan["abar_t"][step])
+
+
 def sample(
     model_fn,
     schedule: NoiseSchedule,
@@ -141,6 +157,8 @@ def sample(
     clip_x0: float | None = None,
     x_T=None,
     return_trajectory: int = 0,
+    start_step: int = 0,
+    after_step=None,
 ):
     """Draw x_0 [shape] by running `sampler` for `num_steps` network evaluations' worth of steps.
 
@@ -154,9 +172,17 @@ def sample(
       (Karras et al. 2022 Alg. 1-2 in sigma-space; `karras_sigmas` for their rho=7 spacing).
     spacing / steps_offset: which timesteps are visited (see `timesteps`).
     clip_x0: clip predicted x_0 to [-c, c] at every step (pixel-space models).
-    x_T: initial noise (default drawn from rng).
+    rng: one key, or a batch of keys [B] (then each example draws its own noise, so an example's
+      result does not depend on the rest of the batch).
+    x_T: initial noise (default drawn from rng); with `start_step`, the state x_t at that step.
     return_trajectory: k > 0 also returns {"x_t": [n, ...], "pred_x0": [n, ...], "t": [n]} for
-      steps 0, k, 2k, ... (n = ceil(num_steps / k)).
+      visited steps 0, k, 2k, ... (n = ceil(visited steps / k)).
+    start_step: skip the first `start_step` steps of the plan and start from x_T at the noise
+      level `alpha_bar_at(..., start_step)` (SDEdit, Meng et al. 2022; diffusers' img2img).
+      Multistep samplers restart their history there.
+    after_step: a `Partial` (x_next, i, abar_next) -> x_next applied after every step, with i
+      the plan's step index and abar_next the noise level of x_next (1.0 after the last step),
+      e.g. RePaint-style inpainting blending; it may also call `jax.debug.callback`.
     """
     gaussian.check_choice("sampler", sampler, SAMPLERS)
     gaussian.check_choice("prediction", prediction, gaussian.PREDICTIONS)
@@ -166,20 +192,45 @@ def sample(
     if return_trajectory < 0:
         raise ValueError(f"return_trajectory must be >= 0, got {return_trajectory}")
     shape = tuple(int(d) for d in shape)
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
     plan = _plan(schedule, sampler, int(num_steps), spacing, steps_offset, karras_sigmas)
-    config = _Config(sampler, int(num_steps), shape, prediction, variance, clip_x0, order, int(return_trajectory))
+    config = _Config(sampler, int(num_steps), shape, prediction, variance, clip_x0, order, int(return_trajectory),
+                     int(start_step))
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-    plan = {k: np.asarray(v, np.int32 if k in ("t", "t_next") and v.dtype.kind == "i" else np.float32) for k, v in plan.items()}
-    return _sample(as_pytree_fn(model_fn), plan, rng, jnp.asarray(eta, jnp.float32), x_T, config=config)
+    plan = {k: np.asarray(v, np.int32 if k in ("t", "t_next") and v.dtype.kind == "i" else np.float32)[start_step:]
+            for k, v in plan.items()}
+    hook = None if after_step is None else as_pytree_fn(after_step)
+    return _sample(as_pytree_fn(model_fn), plan, rng, jnp.asarray(eta, jnp.float32), x_T, hook, config=config)
+
+
+def _batched_keys(rng) -> bool:
+    """Whether `rng` is a batch of keys (typed keys [B], or raw uint32 keys [B, 2])."""
+    return jnp.ndim(rng) > (0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1)
+
+
+def _split(rng, n):
+    """n keys from one key ([n, ...]), or from a batch of keys ([n, B, ...], per example)."""
+    if _batched_keys(rng):
+        return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(rng)
+    return jax.random.split(rng, n)
+
+
+def _normal(rng, shape):
+    """N(0, I) of `shape`; with a batch of keys, example b drawn from key b alone."""
+    if _batched_keys(rng):
+        return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(rng)
+    return jax.random.normal(rng, shape, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _sample(model_fn, plan, rng, eta, x_T, *, config: _Config):
-    init_key, loop_key = jax.random.split(rng)
-    x = jax.random.normal(init_key, config.shape, jnp.float32) if x_T is None else x_T.astype(jnp.float32)
+def _sample(model_fn, plan, rng, eta, x_T, after_step, *, config: _Config):
+    init_key, loop_key = _split(rng, 2)
+    x = _normal(init_key, config.shape) if x_T is None else x_T.astype(jnp.float32)
     batch = config.shape[0]
     N = config.num_steps
+    visited = N - config.start_step
 
     def model(x_t, t):
         return model_fn(x_t, jnp.broadcast_to(t, (batch,))).astype(jnp.float32)
@@ -194,11 +245,11 @@ def _sample(model_fn, plan, rng, eta, x_T, *, config: _Config):
     }
     step, carry = step_fns[config.sampler], _init_carry(config, x)
     ctx = dict(config=config, model=model, predict=predict, eta=eta, num_steps=N)
-    xs = dict(plan, i=jnp.arange(N), key=jax.random.split(loop_key, N))
+    xs = dict(plan, i=jnp.arange(config.start_step, N), key=_split(loop_key, visited))
 
     k = config.record_every
     if k:
-        n = math.ceil(N / k)
+        n = math.ceil(visited / k)
         record = {"x_t": jnp.zeros((n,) + config.shape), "pred_x0": jnp.zeros((n,) + config.shape)}
     else:
         record = None
@@ -206,8 +257,12 @@ def _sample(model_fn, plan, rng, eta, x_T, *, config: _Config):
     def body(state, inp):
         carry, record = state
         carry, x_t, pred_x0 = step(ctx, carry, inp)
+        if after_step is not None:
+            abar_next = inp["abar_s"] if "abar_s" in inp else 1.0 / (1.0 + inp["sigma_next"] ** 2)
+            carry = dict(carry, x=after_step(carry["x"], inp["i"], abar_next))
         if record is not None:
-            slot, keep = inp["i"] // k, inp["i"] % k == 0
+            j = inp["i"] - config.start_step
+            slot, keep = j // k, j % k == 0
             record = {
                 "x_t": record["x_t"].at[slot].set(jnp.where(keep, x_t, record["x_t"][slot])),
                 "pred_x0": record["pred_x0"].at[slot].set(jnp.where(keep, pred_x0, record["pred_x0"][slot])),
@@ -242,7 +297,7 @@ def _ddpm_step(ctx, carry, inp):
     p = gaussian.p_mean_variance_from(
         coefs, out, x, prediction=config.prediction, variance=config.variance, clip_x0=config.clip_x0
     )
-    noise = jax.random.normal(inp["key"], x.shape)
+    noise = _normal(inp["key"], x.shape)
     not_last = (inp["i"] < ctx["num_steps"] - 1).astype(jnp.float32)
     return {"x": p["mean"] + not_last * jnp.exp(0.5 * p["log_variance"]) * noise}, x, p["pred_x0"]
 
@@ -261,7 +316,7 @@ def _ddim_step(ctx, carry, inp):
     x = carry["x"]
     x0, eps = ctx["predict"](x, inp["t"], inp["abar_t"])
     s = ddim_noise_std(ctx["eta"], inp["abar_t"], inp["abar_s"])
-    noise = jax.random.normal(inp["key"], x.shape)
+    noise = _normal(inp["key"], x.shape)
     return {"x": ddim_update(x0, eps, inp["abar_s"], s, noise)}, x, x0
 
 
@@ -307,7 +362,8 @@ def _dpm_step(ctx, carry, inp):
     lam = lambda abar: 0.5 * (jnp.log(abar) - jnp.log1p(-abar))  # noqa: E731
     h = lam(abar_s) - lam(abar_t)
     r = carry["h_prev"] / h
-    second_order = (ctx["config"].order == 2) & (inp["i"] > 0) & (inp["i"] < ctx["num_steps"] - 1)
+    config = ctx["config"]
+    second_order = (config.order == 2) & (inp["i"] > config.start_step) & (inp["i"] < ctx["num_steps"] - 1)
     d = jnp.where(second_order, (1.0 + 0.5 / r) * x0 - (0.5 / r) * carry["x0_prev"], x0)
     return {"x": dpm_solver_update(x, d, abar_t, abar_s), "x0_prev": x0, "h_prev": h}, x, x0
 

@@ -158,7 +158,8 @@ def scheduler_config_from_schedule(schedule: Mapping[str, Any]) -> dict:
         "num_train_timesteps": T, "beta_schedule": names[schedule["name"]],
         "beta_start": float(schedule.get("beta_start", default[0])),
         "beta_end": float(schedule.get("beta_end", default[1])),
-        "trained_betas": None, "clip_sample": False, "set_alpha_to_one": False,
+        "trained_betas": None, "clip_sample": False,
+        "set_alpha_to_one": True,  # our samplers end at abar = 1 (x_0 itself), as does this
         "steps_offset": int(schedule.get("steps_offset", 0)),
         "prediction_type": predictions[prediction], "thresholding": False,
         "timestep_spacing": schedule.get("spacing", "leading"),

@@ -1,0 +1,327 @@
+"""python -m ldm_jax.sample --workdir runs/base --prompt "a red circle on the left" --out out/
+
+Generates images from a training run (`--workdir`, its latest checkpoint's EMA weights unless
+`--checkpoint_step` / `--noema`) or a local diffusers-format Stable Diffusion folder
+(`--pretrained`): text -> image, image -> image with `--init_image` (and `--strength`), or
+inpainting with `--init_image` and `--mask` (white = repaint). Writes one PNG per image, a grid
+PNG, and a JSON sidecar per image with everything needed to regenerate it, including the command
+(image i uses seed + i, so it can be regenerated on its own). Bad input fails with one line on
+stderr and exit status 1.
+
+    python -m ldm_jax.sample --workdir runs/base --prompt "a red circle" --prompt "a blue square" \\
+        --num_images 4 --sampler dpm_solver++ --steps 20 --guidance 3 --seed 0 --out out/
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined by __main__ only, so that the library functions import
+    alongside other CLIs' flags)."""
+    flags.DEFINE_string("workdir", None, "a training run to sample from (python -m ldm_jax.train's --workdir)")
+    flags.DEFINE_string("pretrained", None, "a local diffusers-format Stable Diffusion folder, instead of --workdir")
+    flags.DEFINE_integer("checkpoint_step", None, "the run's checkpoint step to load (default: the latest)")
+    flags.DEFINE_bool("ema", True, "use the run's EMA parameters (--noema: the raw ones)")
+    flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+    flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line (blank lines skipped)")
+    flags.DEFINE_multi_integer("label", [], "a class label (repeatable), for class-conditional runs")
+    flags.DEFINE_string("negative_prompt", None, "the negative prompt for classifier-free guidance (default: empty)")
+    flags.DEFINE_integer("num_images", 1, "images per prompt")
+    flags.DEFINE_string("sampler", None, "ddpm | ddim | plms | dpm_solver++ | euler | heun (default: the model's)")
+    flags.DEFINE_integer("steps", None, "sampler steps (default: the model's)")
+    flags.DEFINE_float("guidance", None, "classifier-free guidance scale, >= 0 (1: none; default: the model's)")
+    flags.DEFINE_float("guidance_rescale", None, "guidance rescale phi in [0, 1] (Lin et al. 2023)")
+    flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic)")
+    flags.DEFINE_integer("seed", 0, "image i uses seed + i")
+    flags.DEFINE_integer("height", None, "image height in pixels (default: the model's; resizes --init_image)")
+    flags.DEFINE_integer("width", None, "image width in pixels (default: the model's; resizes --init_image)")
+    flags.DEFINE_string("init_image", None, "an image to start from (image -> image, or inpainting with --mask)")
+    flags.DEFINE_float("strength", None, "image -> image: how far to noise --init_image, in [0, 1] (default 0.8; "
+                       "inpainting: 1.0)")
+    flags.DEFINE_string("mask", None, "inpainting mask, the size of --init_image: white = repaint")
+    flags.DEFINE_integer("batch_size", 8, "images per compiled batch")
+    flags.DEFINE_bool("progress", True, "show a progress bar over the sampler steps")
+    flags.DEFINE_string("out", None, "output folder")
+
+
+class SampleError(ValueError):
+    """Bad input: reported as one line."""
+
+
+@dataclasses.dataclass
+class SampleArgs:
+    """`python -m ldm_jax.sample`'s flags (see the flag help); `generate(args)` runs them."""
+
+    out: str
+    workdir: str | None = None
+    pretrained: str | None = None
+    checkpoint_step: int | None = None
+    ema: bool = True
+    prompt: list = dataclasses.field(default_factory=list)
+    prompts_file: str | None = None
+    label: list = dataclasses.field(default_factory=list)
+    negative_prompt: str | None = None
+    num_images: int = 1
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_rescale: float | None = None
+    eta: float | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    batch_size: int = 8
+    progress: bool = True
+
+
+def _conditions(args: SampleArgs) -> list:
+    """The prompts (or labels), each repeated num_images times, prompt-major."""
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read --prompts_file {args.prompts_file}: {e}") from None
+    if prompts and args.label:
+        raise SampleError("give prompts (--prompt / --prompts_file) or class labels (--label), not both")
+    conds = prompts or list(args.label)
+    if not conds:
+        raise SampleError("the prompt list is empty: give --prompt (repeatable), --prompts_file or --label")
+    if args.num_images < 1:
+        raise SampleError(f"--num_images must be >= 1, got {args.num_images}")
+    return [c for c in conds for _ in range(args.num_images)]
+
+
+def _check_flags(args: SampleArgs) -> None:
+    """Everything that can be judged before loading a model."""
+    from ldm_jax.diffusion import samplers
+
+    if bool(args.workdir) == bool(args.pretrained):
+        raise SampleError("give exactly one of --workdir (a training run) and --pretrained (a diffusers folder)")
+    if not args.out:
+        raise SampleError("--out (the output folder) is required")
+    if args.sampler is not None and args.sampler not in samplers.SAMPLERS:
+        raise SampleError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(samplers.SAMPLERS)}")
+    if args.steps is not None and args.steps < 1:
+        raise SampleError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise SampleError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        raise SampleError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.eta is not None and not args.eta >= 0:
+        raise SampleError(f"--eta must be >= 0, got {args.eta}")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise SampleError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.mask and not args.init_image:
+        raise SampleError("--mask needs --init_image (the image to inpaint)")
+    for key in ("height", "width"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise SampleError(f"--{key} must be positive, got {value}")
+    if args.batch_size < 1:
+        raise SampleError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+def _read_image(path: str, what: str, mode: str):
+    import numpy as np
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise SampleError(f"cannot read {what} {path}: {e}") from None
+
+
+def _images_and_mask(args: SampleArgs):
+    """(init image uint8 [H, W, 3] or None, mask uint8 [H, W] or None), resized to --height/--width."""
+    import PIL.Image
+
+    if not args.init_image:
+        return None, None
+    image = _read_image(args.init_image, "--init_image", "RGB")
+    mask = _read_image(args.mask, "--mask", "L") if args.mask else None
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise SampleError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but --init_image is "
+                          f"{image.shape[1]}x{image.shape[0]} (width x height); they must match")
+    size = (args.width or image.shape[1], args.height or image.shape[0])
+    if size != (image.shape[1], image.shape[0]):
+        import numpy as np
+
+        image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.LANCZOS))
+        if mask is not None:
+            mask = np.asarray(PIL.Image.fromarray(mask).resize(size, PIL.Image.NEAREST))
+    return image, mask
+
+
+def load_pipeline(args: SampleArgs):
+    """The model `args` name. The last one loaded is kept, so that repeated calls in one process
+    (a notebook, the tests) reuse its compiled programs; `--checkpoint_step` is resolved first."""
+    from ldm_jax import workdir
+
+    try:
+        if args.workdir:
+            step = args.checkpoint_step
+            if step is None:
+                workdir.load_workdir_config(args.workdir)  # the clearer errors first
+                steps = workdir.checkpoint_steps(args.workdir, "ldm")
+                step = steps[-1] if steps else None
+            pipe = _load(("workdir", os.path.abspath(args.workdir), step, bool(args.ema)))
+        else:
+            pipe = _load(("pretrained", os.path.abspath(args.pretrained), None, True))
+    except (FileNotFoundError, ValueError) as e:
+        raise SampleError(str(e)) from None
+    pipe.progress = args.progress
+    return pipe
+
+
+@functools.lru_cache(maxsize=1)
+def _load(key):
+    from ldm_jax.pipeline import LatentDiffusionPipeline
+
+    kind, path, step, ema = key
+    if kind == "workdir":
+        return LatentDiffusionPipeline.from_workdir(path, step=step, ema=ema)
+    return LatentDiffusionPipeline.from_diffusers_dir(path)
+
+
+def _reproduce_command(args: SampleArgs, cond, seed: int, pipe, settings: dict) -> list[str]:
+    """The command that regenerates one image on its own."""
+    cmd = ["python", "-m", "ldm_jax.sample"]
+    if args.workdir:
+        cmd += ["--workdir", pipe.info["path"], "--checkpoint_step", str(pipe.info["step"])]
+        cmd += [] if args.ema else ["--noema"]
+    else:
+        cmd += ["--pretrained", pipe.info["path"]]
+    cmd += ["--label", str(cond)] if isinstance(cond, int) else ["--prompt", cond]
+    if args.negative_prompt is not None:
+        cmd += ["--negative_prompt", args.negative_prompt]
+    cmd += ["--seed", str(seed), "--num_images", "1", "--sampler", settings["sampler"],
+            "--steps", str(settings["steps"]),
+            "--guidance", repr(settings["guidance"]), "--guidance_rescale", repr(settings["guidance_rescale"]),
+            "--eta", repr(settings["eta"]), "--height", str(settings["height"]), "--width", str(settings["width"])]
+    if args.init_image:
+        cmd += ["--init_image", os.path.abspath(args.init_image), "--strength", repr(settings["strength"])]
+    if args.mask:
+        cmd += ["--mask", os.path.abspath(args.mask)]
+    return cmd + ["--out", "<folder>"]
+
+
+def generate(args: SampleArgs) -> list[str]:
+    """Run `args`: write `<out>/NNNN.png` + `<out>/NNNN.json` per image and `<out>/grid.png`;
+    returns the image paths. Raises SampleError (one line) for bad input, before compiling."""
+    import numpy as np
+
+    from ldm_jax.training.writer import image_grid, save_png
+
+    _check_flags(args)
+    conds = _conditions(args)
+    image, mask = _images_and_mask(args)
+    pipe = load_pipeline(args)
+    task = "inpaint" if mask is not None else "image" if image is not None else "text"
+    height = image.shape[0] if image is not None else (args.height or pipe.default_size)
+    width = image.shape[1] if image is not None else (args.width or pipe.default_size)
+    try:
+        pipe._check_size(height, width)
+    except ValueError as e:
+        raise SampleError(f"{e} (--height / --width)") from None
+    d = pipe.defaults
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    settings = dict(sampler=pick(args.sampler, d.sampler), steps=pick(args.steps, d.num_steps),
+                    guidance=float(pick(args.guidance, d.guidance_scale)),
+                    guidance_rescale=float(pick(args.guidance_rescale, d.guidance_rescale)),
+                    eta=float(pick(args.eta, d.eta)), height=int(height), width=int(width),
+                    strength=float(pick(args.strength, 1.0 if task == "inpaint" else 0.8)))
+    seeds = [args.seed + i for i in range(len(conds))]
+    batch = min(args.batch_size, len(conds))
+    images = []
+    for start in range(0, len(conds), batch):
+        chunk, chunk_seeds = conds[start:start + batch], seeds[start:start + batch]
+        n = len(chunk)  # pad the last chunk: one compiled batch shape (image i depends on seed i only)
+        chunk, chunk_seeds = chunk + chunk[-1:] * (batch - n), chunk_seeds + chunk_seeds[-1:] * (batch - n)
+        kw = dict(negative_prompts=args.negative_prompt, num_steps=settings["steps"],
+                  guidance_scale=settings["guidance"], guidance_rescale=settings["guidance_rescale"],
+                  sampler=settings["sampler"], eta=settings["eta"], seed=chunk_seeds)
+        try:
+            if task == "text":
+                out = pipe.text_to_image(chunk, height=height, width=width, **kw)
+            elif task == "image":
+                out = pipe.image_to_image(image[None], chunk, strength=settings["strength"], **kw)
+            else:
+                out = pipe.inpaint(image[None], mask[None], chunk, strength=settings["strength"], **kw)
+        except ValueError as e:
+            raise SampleError(str(e)) from None
+        images.append(out[:n])
+    images = np.concatenate(images)
+
+    os.makedirs(args.out, exist_ok=True)
+    paths = []
+    model = {k: v for k, v in pipe.info.items() if k != "kind"}
+    model = {("workdir" if pipe.info.get("kind") == "workdir" else "pretrained"): model.pop("path"), **model}
+    if "step" in model:
+        model["checkpoint_step"] = model.pop("step")
+    for k, (cond, seed, im) in enumerate(zip(conds, seeds, images)):
+        path = os.path.join(args.out, f"{k:04d}.png")
+        save_png(path, im)
+        sidecar = {"image": os.path.basename(path), ("label" if isinstance(cond, int) else "prompt"): cond,
+                   "negative_prompt": args.negative_prompt, "seed": seed, "task": task, **settings,
+                   "init_image": os.path.abspath(args.init_image) if args.init_image else None,
+                   "mask": os.path.abspath(args.mask) if args.mask else None, "model": model,
+                   "command": _reproduce_command(args, cond, seed, pipe, settings)}
+        if task == "text":
+            del sidecar["strength"]
+        with open(os.path.join(args.out, f"{k:04d}.json"), "w", encoding="utf-8") as f:
+            json.dump(sidecar, f, indent=1)
+        paths.append(path)
+    per_prompt = args.num_images if args.num_images > 1 and len(conds) > args.num_images else None
+    cols = per_prompt or math.ceil(math.sqrt(len(images)))
+    save_png(os.path.join(args.out, "grid.png"), image_grid(images, cols=cols))
+    return paths
+
+
+def args_from_sidecar(sidecar: dict, out: str) -> SampleArgs:
+    """The arguments that regenerate the image a sidecar describes, alone, into `out`."""
+    model = sidecar["model"]
+    return SampleArgs(
+        out=out, workdir=model.get("workdir"), pretrained=model.get("pretrained"),
+        checkpoint_step=model.get("checkpoint_step"), ema=model.get("ema", True),
+        prompt=[sidecar["prompt"]] if "prompt" in sidecar else [],
+        label=[sidecar["label"]] if "label" in sidecar else [],
+        negative_prompt=sidecar["negative_prompt"], seed=sidecar["seed"], sampler=sidecar["sampler"],
+        steps=sidecar["steps"], guidance=sidecar["guidance"], guidance_rescale=sidecar["guidance_rescale"],
+        eta=sidecar["eta"], height=sidecar["height"], width=sidecar["width"], init_image=sidecar["init_image"],
+        strength=sidecar.get("strength"), mask=sidecar["mask"], progress=False)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:  # orbax and jax log every step at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    args = SampleArgs(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SampleArgs)})
+    try:
+        paths = generate(args)
+    except SampleError as e:
+        print(f"ldm_jax.sample: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {len(paths)} images, their .json sidecars and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,139 @@
+"""Reading a training run's workdir: its stored config (over today's configs/base.py), its
+checkpoints on any device count, and the autoencoder it was trained with. Used by the pipeline,
+the sample and convert CLIs, and evaluation."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.training import sharding
+
+
+
+def _tuples(tree):
+    """JSON lists back to the tuples the configs use (linen module fields must be hashable)."""
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree
+
+
+def _overlay(base: dict, stored: dict, path: str = "") -> dict:
+    """`stored` over `base`: plain groups key by key (keys added since the run get base's
+    defaults); constructor and free-form groups (`unet`, `data`, ...) as stored, whole."""
+    from ldm_jax.training import config as config_lib
+
+    whole = set(config_lib.MODEL_GROUPS) | set(config_lib.DELEGATED) | set(config_lib.FREE_FORM)
+    out = dict(base)
+    for key, value in stored.items():
+        sub = f"{path}.{key}" if path else key
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and sub not in whole:
+            out[key] = _overlay(base[key], value, sub)
+        else:
+            out[key] = value
+    return out
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run stored in `<workdir>/config.json`, over today's configs/base.py
+    (so that a run written before a key was added still loads)."""
+    from ldm_jax.training import config as config_lib
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"workdir {workdir} has no config.json: not a training run "
+                                "(python -m ldm_jax.train writes it)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    base = config_lib.reference_config().to_dict()
+    return ml_collections.ConfigDict(_tuples(_overlay(base, stored)))
+
+
+def checkpoint_steps(workdir: str, stage: str) -> list[int]:
+    """The steps saved for `stage` under `<workdir>/checkpoints/<stage>` (without creating it)."""
+    folder = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints", stage)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def restore_stage(workdir: str, stage: str, mesh, step: int | None = None) -> tuple[dict, dict]:
+    """(state as nested dicts {"params", "ema_params", "step", ...}, meta) of `stage`'s checkpoint
+    at `step` (default latest), every array replicated onto `mesh`. The target is the checkpoint's
+    own tree, so this works on any device count and whatever the optimiser state looks like."""
+    import orbax.checkpoint as ocp
+
+    from ldm_jax.training.checkpoint import StageCheckpoints
+
+    steps = checkpoint_steps(workdir, stage)
+    if not steps:
+        raise FileNotFoundError(f"workdir {workdir} has no {stage} checkpoint "
+                                f"(checkpoints/{stage} is missing or empty): train it first")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"workdir {workdir} has no {stage} checkpoint at step {step}; saved steps: {steps}")
+    step = steps[-1] if step is None else step
+    replicated = sharding.replicated(mesh)
+    ckpt = StageCheckpoints(workdir, stage)
+    try:
+        saved = ckpt.manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    finally:
+        ckpt.close()
+    return restored["state"], restored["meta"] or {}
+
+
+def check_param_shapes(params, expected, where: str) -> None:
+    """Raise ValueError naming the first parameter of `expected` (a shape tree) that `params`
+    lacks or holds with another shape."""
+    import flax.traverse_util
+
+    have = {"/".join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    for key, leaf in flax.traverse_util.flatten_dict(expected).items():
+        name = "/".join(key)
+        if name not in have:
+            raise ValueError(f"{where} has no parameter {name} (shape {tuple(leaf.shape)}); "
+                             "was it written by another config?")
+        if have[name] != tuple(leaf.shape):
+            raise ValueError(f"{where}: parameter {name} has shape {have[name]}, the config gives {tuple(leaf.shape)}")
+
+
+def workdir_schedule(config) -> dict:
+    """A run's schedule and sampler spacing in `interop.diffusers.schedule_from_scheduler_config`'s format."""
+    d = config.diffusion
+    return dict(name=d.schedule, num_timesteps=int(d.num_timesteps), zero_terminal_snr=bool(d.zero_terminal_snr),
+                **dict(d.get("schedule_kwargs", {})), prediction=d.prediction, spacing=config.sampler.spacing,
+                steps_offset=0)
+
+
+def autoencoder_params(config, module, workdir, mesh):
+    """The autoencoder parameters a run was trained with: its own stage-1 checkpoint, another
+    workdir's, or a diffusers folder's VAE ({} for the identity autoencoder)."""
+    ae = config.autoencoder
+    if ae.kind == "identity":
+        return {}
+    if ae.source.startswith("diffusers:"):
+        from ldm_jax.interop import diffusers as hf
+
+        return hf.load_diffusers_dir(ae.source.split(":", 1)[1]).vae_params
+    where = workdir if ae.source == "train" else ae.source.split(":", 1)[1]
+    state, _ = restore_stage(where, "autoencoder", mesh)
+    params = state["params"]["autoencoder"]
+    size = config.data.image_size
+    expected = jax.eval_shape(lambda rng: module.init({"params": rng, "sample": rng}, jnp.zeros((1, size, size, 3))),
+                              jax.random.PRNGKey(0))["params"]
+    check_param_shapes(params, expected, f"the autoencoder checkpoint of {where}")
+    return params

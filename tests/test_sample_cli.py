@@ -1,0 +1,119 @@
+"""python -m ldm_jax.sample: the files it writes, reproduction from a sidecar, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from ldm_jax import sample
+from ldm_jax.sample import SampleArgs, SampleError
+from tests.test_pipeline import blob_images, make_workdir, workdir_config
+from tests.training.tiny import ROOT
+
+PROMPTS = ["a red circle on the left", "a blue square at the top"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("run"), workdir_config(**{"sampler.num_steps": 3}))
+
+
+def _png(path):
+    return np.asarray(PIL.Image.open(path))
+
+
+def test_writes_images_grid_and_sidecars_that_reproduce_the_pixels(run, tmp_path):
+    args = SampleArgs(out=str(tmp_path / "a"), workdir=run, prompt=PROMPTS, num_images=2, seed=5, guidance=2.5,
+                      progress=False)
+    paths = sample.generate(args)
+    assert [os.path.basename(p) for p in paths] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert sorted(os.listdir(args.out)) == sorted([f"{i:04d}.{e}" for i in range(4) for e in ("png", "json")]
+                                                  + ["grid.png"])
+    images = np.stack([_png(p) for p in paths])
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    grid = _png(os.path.join(args.out, "grid.png"))
+    assert grid.shape == (2 * 33 + 1, 2 * 33 + 1, 3)  # 2 prompts x 2 images, 1-pixel borders
+    np.testing.assert_array_equal(grid[1:33, 34:66], images[1])
+
+    with open(os.path.join(args.out, "0003.json")) as f:
+        sidecar = json.load(f)
+    assert sidecar["prompt"] == PROMPTS[1] and sidecar["seed"] == 8 and sidecar["task"] == "text"
+    assert {k: sidecar[k] for k in ("sampler", "steps", "guidance", "eta", "height", "width")} == dict(
+        sampler="dpm_solver++", steps=3, guidance=2.5, eta=0.0, height=32, width=32)
+    assert sidecar["model"] == {"workdir": run, "checkpoint_step": 2, "ema": True}
+    assert sidecar["command"][:3] == ["python", "-m", "ldm_jax.sample"] and "--seed" in sidecar["command"]
+
+    # The same arguments give the same pixels; the sidecar regenerates its image on its own.
+    again = sample.generate(SampleArgs(**{**args.__dict__, "out": str(tmp_path / "b")}))
+    np.testing.assert_array_equal(np.stack([_png(p) for p in again]), images)
+    alone = sample.generate(sample.args_from_sidecar(sidecar, str(tmp_path / "c")))
+    np.testing.assert_array_equal(_png(alone[0]), images[3])
+    assert np.abs(images[0].astype(int) - images[1]).mean() > 1  # seeds differ, so do the images
+
+
+def test_inpainting_from_files(run, tmp_path):
+    image_path, mask_path = str(tmp_path / "in.png"), str(tmp_path / "mask.png")
+    PIL.Image.fromarray(blob_images(1, 64)[0]).save(image_path)  # resized to 32x32 by --height/--width
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 16:40] = 255
+    PIL.Image.fromarray(mask).save(mask_path)
+    args = SampleArgs(out=str(tmp_path / "out"), workdir=run, prompt=PROMPTS[:1], init_image=image_path,
+                      mask=mask_path, height=32, width=32, seed=1, progress=False)
+    (path,) = sample.generate(args)
+    with open(path[:-4] + ".json") as f:
+        sidecar = json.load(f)
+    assert sidecar["task"] == "inpaint" and sidecar["strength"] == 1.0 and sidecar["mask"] == mask_path
+    assert _png(path).shape == (32, 32, 3)
+
+
+def _error(**kwargs):
+    kwargs.setdefault("prompt", PROMPTS[:1])
+    with pytest.raises(SampleError) as e:
+        sample.generate(SampleArgs(**kwargs))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_one_line_errors(run, tmp_path):
+    out = str(tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "config.json").write_text(open(os.path.join(run, "config.json")).read())
+    not_an_image = tmp_path / "image.png"
+    not_an_image.write_text("not a png")
+    image, small_mask = tmp_path / "ok.png", tmp_path / "small_mask.png"
+    PIL.Image.fromarray(blob_images(1, 32)[0]).save(image)
+    PIL.Image.fromarray(np.zeros((16, 16), np.uint8)).save(small_mask)
+    blank = tmp_path / "prompts.txt"
+    blank.write_text("\n  \n")
+
+    assert "does not exist" in _error(out=out, workdir=str(tmp_path / "missing"))
+    assert "has no config.json" in _error(out=out, workdir=str(empty))
+    assert "has no ldm checkpoint" in _error(out=out, workdir=str(untrained))
+    assert "unknown sampler 'dpm'" in _error(out=out, workdir=run, sampler="dpm")
+    assert "--steps must be >= 1" in _error(out=out, workdir=run, steps=0)
+    assert "--guidance must be >= 0" in _error(out=out, workdir=run, guidance=-1.0)
+    assert "multiple of 4" in _error(out=out, workdir=run, height=30)
+    assert "cannot read --init_image" in _error(out=out, workdir=run, init_image=str(not_an_image))
+    assert "--mask is 16x16 but --init_image is 32x32" in _error(out=out, workdir=run, init_image=str(image),
+                                                                 mask=str(small_mask))
+    assert "prompt list is empty" in _error(out=out, workdir=run, prompt=[])
+    assert "prompt list is empty" in _error(out=out, workdir=run, prompt=[], prompts_file=str(blank))
+    assert "exactly one of --workdir" in _error(out=out)
+    assert not os.path.exists(out)
+
+
+def test_the_command_prints_one_line_and_exits_1(tmp_path):
+    cmd = [sys.executable, "-m", "ldm_jax.sample", "--workdir", str(tmp_path / "missing"), "--prompt", "x",
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ldm_jax.sample:")]
+    assert lines == [f"ldm_jax.sample: error: workdir {tmp_path / 'missing'} does not exist"], proc.stderr[-2000:]

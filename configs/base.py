@@ -4,6 +4,11 @@
 
 Stage 1 trains a small KL autoencoder (32x32x3 -> 8x8x4 latents), stage 2 a small text-conditional
 UNet on its latents with a from-scratch CLIP-architecture text encoder, on a 2-core CPU.
+
+Expect (measured 2026-11-22 on the 2-core CPU, with another job on the second core, so an upper
+bound): autoencoder reconstructions keep the captioned shape 98.4% of the time; EMA model prompt
+accuracy 91.8% on the shapes test split and 83.2% on the held-out combinations (20-step
+DPM-Solver++, guidance 2); 22 minutes wall including the venv install and building the dataset.
 """
 import ml_collections
 
@@ -31,9 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
         disc=dict(n_layers=2, base_channels=32),  # PatchDiscriminator(**disc)
         disc_optim=dict(lr=1e-3, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=None),  # LDM's Adam betas
         lpips_weights=None,  # a local path to LPIPS weights, or None for no perceptual loss
-        steps=1200,
+        perceptual_weight=1.0,  # LDM's weight on the LPIPS term (used when lpips_weights is set)
+        steps=1300,  # lr 2e-3: reconstructions keep the captioned shape 97% (1200 steps) to 99.6% (1600)
         batch_size=32,
-        optim=dict(lr=1e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0,
+        optim=dict(lr=2e-3, warmup_steps=100, schedule="constant", weight_decay=0.0, grad_clip=1.0,
                    ema_decay=0.999),
         scale_factor=None,  # None: 1/std of the first latents (LDM's scale_by_std); SD: 0.18215
     )
@@ -41,15 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.text_encoder = dict(
         source="scratch",  # "scratch" (trained jointly) | "diffusers:<path>" (pretrained, frozen)
         train=True,
+        train_token_embedding=False,  # keep the random [49408, 128] token table fixed (25% faster steps on CPU)
         max_length=16,  # shapes captions are at most 9 tokens
         model=dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu"),
     )
 
+    # Three levels (8x8, 4x4, 2x2 latents): at two, position words were learned late and unreliably
+    # (the UNet has no positional input; it must infer where it is from padding), at three by step ~1000.
     c.unet = dict(
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
         num_attention_heads=2, cross_attention_dim=128, norm_num_groups=16, dropout=0.0,
     )
 
@@ -61,14 +70,14 @@ def get_config() -> ml_collections.ConfigDict:
         weighting="min_snr", min_snr_gamma=5.0, timestep_sampler="uniform",
     )
 
-    c.sampler = dict(name="dpm_solver++", num_steps=20, eta=0.0, guidance_scale=3.0,
+    c.sampler = dict(name="dpm_solver++", num_steps=20, eta=0.0, guidance_scale=2.0,
                      guidance_rescale=0.0, spacing="trailing")
 
-    c.optim = dict(lr=5e-4, warmup_steps=100, schedule="constant", weight_decay=0.0, b1=0.9,
+    c.optim = dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.0, b1=0.9,
                    b2=0.999, eps=1e-8, grad_clip=1.0, grad_accum=1, ema_decay=0.999)
 
     c.train = dict(
-        steps=2000, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,
+        steps=1800, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,
         max_nonfinite=20, dtype="float32", remat=False,
         sample_prompts=("a red circle on the left", "a green square at the top",
                         "a blue triangle in the center", "a yellow circle at the bottom",

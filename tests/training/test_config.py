@@ -30,11 +30,11 @@ def test_every_config_loads_and_validates(path):
 
 def test_overrides_are_python_literals_or_strings():
     config = load(overrides=["optim.lr=1e-4", "diffusion.schedule='cosine'", "sampler.name=ddim",
-                             "unet.block_out_channels=(32, 64)", "data.label_key=label",
+                             "unet.block_out_channels=(32, 64, 96)", "data.label_key=label",
                              "diffusion.zero_terminal_snr=False", "data.options.train_size=100",
                              "text_encoder.source=diffusers:/models/sd15"])
     assert config.optim.lr == 1e-4 and config.diffusion.schedule == "cosine"
-    assert config.sampler.name == "ddim" and config.unet.block_out_channels == (32, 64)
+    assert config.sampler.name == "ddim" and config.unet.block_out_channels == (32, 64, 96)
     assert config.data.label_key == "label" and config.data.options.train_size == 100
     assert config.text_encoder.source == "diffusers:/models/sd15"
     config.text_encoder.train = True
@@ -104,7 +104,7 @@ NAMES = [  # (key, bad value, one allowed value that the message must list)
     ("autoencoder.optim.schedule", "step", "'constant'"),
     ("train.dtype", "float16", "'bfloat16'"),
     ("text_encoder.model.hidden_act", "relu", "'quick_gelu'"),
-    ("unet.down_block_types", ("CrossAttnDownBlock2D", "AttnDownBlock2D"), "'DownBlock2D'"),
+    ("unet.down_block_types", ("CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"), "'DownBlock2D'"),
 ]
 
 
@@ -134,9 +134,9 @@ BAD = {  # id: (mutation of base, substrings the message must contain)
     # impossible shapes
     "unet_norm_groups": (_set("unet.norm_num_groups", 24), ["unet.norm_num_groups", "entry 32"]),
     "unet_heads": (_set("unet.num_attention_heads", 3), ["unet.num_attention_heads", "entry 32"]),
-    "unet_heads_per_level": (_replace_in("unet", num_attention_heads=(4, 4, 4)),
-                             ["unet.num_attention_heads", "(2)"]),
-    "unet_block_types_length": (_set("unet.up_block_types", ("UpBlock2D",)), ["unet.up_block_types", "2"]),
+    "unet_heads_per_level": (_replace_in("unet", num_attention_heads=(4, 4)),
+                             ["unet.num_attention_heads", "(3)"]),
+    "unet_block_types_length": (_set("unet.up_block_types", ("UpBlock2D",)), ["unet.up_block_types", "3"]),
     "text_heads": (_set("text_encoder.model.num_attention_heads", 5), ["text_encoder.model.num_attention_heads", "128"]),
     "autoencoder_norm_groups": (_set("autoencoder.model.norm_num_groups", 24), ["autoencoder.model", "norm_num_groups"]),
     "image_size_vs_autoencoder": (_set("data.image_size", 30), ["data.image_size", "4"]),

@@ -47,9 +47,12 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, num_bins: int = 256)
     lower = (x - mean - half_bin) * inv_std
     log_cdf_upper = log_ndtr(upper)  # log P(X <= x + half)
     log_sf_lower = log_ndtr(-lower)  # log P(X >= x - half)
-    # log(Phi(upper) - Phi(lower)) computed stably on whichever tail is thinner.
-    mid_lower_tail = log_cdf_upper + jnp.log1p(-jnp.exp(jnp.minimum(log_ndtr(lower) - log_cdf_upper, -1e-12)))
-    mid_upper_tail = log_sf_lower + jnp.log1p(-jnp.exp(jnp.minimum(log_ndtr(-upper) - log_sf_lower, -1e-12)))
+    # log(Phi(upper) - Phi(lower)) computed stably on whichever tail is thinner. log(1 - e^a) as
+    # log(-expm1(a)): at the clamp a = -1e-12, log1p(-exp(a)) is log(0) in float32, and its
+    # infinite gradient turns into NaN even in the branch `where` discards.
+    log1mexp = lambda a: jnp.log(-jnp.expm1(jnp.minimum(a, -1e-12)))  # noqa: E731
+    mid_lower_tail = log_cdf_upper + log1mexp(log_ndtr(lower) - log_cdf_upper)
+    mid_upper_tail = log_sf_lower + log1mexp(log_ndtr(-upper) - log_sf_lower)
     mid = jnp.where(lower + upper < 0, mid_lower_tail, mid_upper_tail)
     edge = 1.0 - half_bin / 2  # bins are centred on the grid points; edges are beyond these
     return jnp.where(x < -edge, log_cdf_upper, jnp.where(x > edge, log_sf_lower, mid))

@@ -20,6 +20,7 @@ from ldm_jax.training import autoencoder_stage, ldm_stage
 from ldm_jax.training.checkpoint import StageCheckpoints
 from tests.diffusion.oracles import GaussianMixture
 from tests.training.tiny import tiny_config
+from tests.torch_random import randomize_torch
 
 TEXT_DIM = 32
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
@@ -79,19 +80,6 @@ def workdir_config(**overrides):
             node = node[p]
         node[last] = value
     return config
-
-
-def randomize_torch(module, seed):
-    """Every parameter random, including norm scales, biases and zero-initialised layers."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
 
 
 def tiny_sd_pipeline(unet_in_channels: int = 4):

@@ -16,19 +16,9 @@ from ldm_jax.diffusion.schedules import make_schedule  # noqa: E402
 from ldm_jax.interop import clip_weights, unet_weights, vae_weights  # noqa: E402
 from ldm_jax.interop import diffusers as hf  # noqa: E402
 from ldm_jax.models import text_encoder as te  # noqa: E402
+from tests.torch_random import randomize_torch as _randomize
 
 TEXT_DIM = 32
-
-
-def _randomize(module, seed):
-    """Every parameter random, including norm scales, biases and zero-initialised layers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
 
 
 def _tiny_pipeline():

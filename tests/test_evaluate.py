@@ -1,0 +1,243 @@
+"""python -m ldm_jax.evaluate and its library (ldm_jax/evaluation/runner.py) on tiny random
+workdirs (written by tests/test_pipeline.py's make_workdir, no training): the files it writes, the
+plumbing of each metric (checked against a direct computation), quality-vs-steps, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.diffusion import likelihood
+from ldm_jax.evaluation import runner
+from ldm_jax.evaluation import shapes as shapes_checker
+from ldm_jax.evaluation.runner import EvalOptions
+from tests.test_pipeline import make_workdir, workdir_config
+from tests.training.tiny import ROOT
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def workdir(shapes_dir, tmp_path_factory):
+    """A text-conditional shapes run at step 2 with 100 diffusion timesteps (bpd's T model calls)."""
+    config = workdir_config(**{"data.data_dir": shapes_dir, "diffusion.num_timesteps": 100,
+                               "eval.splits": ("test", "heldout")})
+    return make_workdir(tmp_path_factory.mktemp("run"), config)
+
+
+OPTIONS = dict(num_samples=6, batch_size=4, bpd_examples=5, bpd_batch_size=4, num_steps=2)
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir):
+    return runner.evaluate(workdir, ["bpd", "prompt_accuracy"], EvalOptions(**OPTIONS))
+
+
+def test_writes_a_json_per_metric_a_summary_and_scalars(workdir, evaluated):
+    folder = os.path.join(workdir, "eval", "2")
+    for name in ("bpd", "prompt_accuracy"):
+        record = read_json(os.path.join(folder, f"{name}.json"))
+        assert record["metric"] == name and record["step"] == 2 and record["ema"] is True
+        assert record["wall_s"] > 0 and record == json.loads(json.dumps(evaluated[name]))
+    assert read_json(os.path.join(folder, "prompt_accuracy.json"))["sampler"] == dict(
+        sampler="dpm_solver++", num_steps=2, guidance=2.0)  # the run's sampler and guidance, our step count
+    with open(os.path.join(folder, "summary.md")) as f:
+        summary = f.read()
+    assert "| bpd/total |" in summary and "| prompt_accuracy/heldout/ok |" in summary
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    (row,) = [r for r in logged if "eval/bpd/total" in r]
+    assert row["step"] == 2 and row["eval/bpd/total"] == pytest.approx(evaluated["bpd"]["result"]["total"])
+    assert "eval/prompt_accuracy/test/colour_ok" in logged[-1] or any(
+        "eval/prompt_accuracy/test/colour_ok" in r for r in logged)
+
+
+def test_bpd_is_the_bound_of_the_held_out_latents(workdir, evaluated):
+    """The runner's number equals likelihood.bits_per_dim called directly on the same examples'
+    scaled posterior means, captions and noise, and its parts add up."""
+    r = evaluated["bpd"]["result"]
+    assert r["unit"] == "bits/latent-dim" and r["decoder_type"] == "continuous" and r["num_examples"] == 5
+    assert r["total"] == pytest.approx(r["prior"] + r["decoder"] + r["diffusion"], rel=1e-5)
+    assert len(r["terms_mean"]) == 100
+    assert sum(r["terms_mean"][1:]) == pytest.approx(r["diffusion"], rel=1e-4)
+
+    run = runner.Run(workdir, EvalOptions(**OPTIONS))
+    data = run.examples("test", 5)
+    pipe = run.pipe
+    idx = np.arange(4)  # the first batch
+    context = pipe._context(pipe.params, runner._conditions_of(run, data, idx))
+    direct = likelihood.bits_per_dim(runner.conditional_model(pipe, context), pipe.noise_schedule,
+                                     pipe.encode(data["image"][idx]),
+                                     jax.random.fold_in(jax.random.PRNGKey(0), 0), decoder="continuous")
+    np.testing.assert_allclose(r["per_example_total"][:4], np.asarray(direct["total"]), rtol=2e-5)
+    v = np.asarray(r["per_example_total"])
+    assert r["total"] == pytest.approx(v.mean(), rel=1e-6)
+    assert r["total_ci95"] == pytest.approx(1.959964 * v.std(ddof=1) / np.sqrt(5), rel=1e-5)
+
+
+def test_prompt_accuracy_judges_a_sample_per_caption_of_each_split(workdir, evaluated):
+    r = evaluated["prompt_accuracy"]["result"]
+    assert set(r) == {"test", "heldout"}
+    for split in r:
+        assert r[split]["num_samples"] == 6
+        assert set(r[split]) >= {"ok", "colour_ok", "shape_ok", "position_ok"}
+        assert all(0.0 <= r[split][k] <= 1.0 for k in ("ok", "colour_ok", "shape_ok", "position_ok"))
+
+
+def test_prompt_accuracy_pairs_each_caption_with_its_own_image(workdir, monkeypatch):
+    """With a "model" that returns the dataset's own image for each caption, the checker's score is
+    the dataset's (all right); with one that returns the images of the wrong captions, it falls."""
+    run = runner.Run(workdir, EvalOptions(**OPTIONS))
+    truth = {}
+    for split in run.splits:
+        data = run.examples(split, 6)
+        truth.update(zip(data["caption"], data["image"]))
+    real = shapes_checker.accuracy(np.stack(list(truth.values())), list(truth))["ok"]
+    assert real == 1.0
+
+    monkeypatch.setattr(runner.Run, "generate", lambda self, captions, **kw: np.stack([truth[c] for c in captions]))
+    assert all(v["ok"] == 1.0 for v in runner.compute_prompt_accuracy(run).values())
+    monkeypatch.setattr(runner.Run, "generate",
+                        lambda self, captions, **kw: np.stack([truth[c] for c in captions[1:] + captions[:1]]))
+    assert all(v["ok"] < 0.5 for v in runner.compute_prompt_accuracy(run).values())
+
+
+def test_generated_images_are_the_pipelines(workdir):
+    """Run.generate pads to the compiled batch and seeds image i with seed + i, as the pipeline."""
+    run = runner.Run(workdir, EvalOptions(**OPTIONS))
+    captions = ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
+                "a red square at the bottom", "a blue circle in the centre"]
+    images = run.generate(captions)  # batches of 4: [4, 1 + 3 padding]
+    pipe = run.pipe
+    direct = pipe.text_to_image(captions[:4], num_steps=2, seed=0)
+    np.testing.assert_array_equal(images[:4], direct)
+    assert images.shape == (5, 32, 32, 3)
+
+
+def test_steps_sweep_writes_a_table_and_a_plot(workdir, monkeypatch):
+    seen = []
+
+    def fake_generate(self, captions, **kw):
+        seen.append(self.sampler_settings())
+        rng = np.random.default_rng(len(seen))
+        return rng.integers(0, 256, (len(captions), 32, 32, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(runner.Run, "generate", fake_generate)
+    table = runner.steps_sweep(workdir, "prompt_accuracy", ["ddim", "euler"], [1, 3], EvalOptions(**OPTIONS))
+    assert [(s["sampler"], s["num_steps"]) for s in seen] == [("ddim", 1), ("ddim", 3), ("euler", 1), ("euler", 3)]
+    assert set(table) == {"ddim", "euler"} and all(set(row) == {1, 3} for row in table.values())
+    stem = os.path.join(workdir, "eval", "2", "steps_prompt_accuracy")
+    record = read_json(stem + ".json")
+    assert record["table"]["ddim"]["3"] == table["ddim"][3] and record["split"] == "test"
+    with open(stem + ".md") as f:
+        md = f.read()
+    assert "| sampler | 1 | 3 |" in md and md.count("\n| ddim |") == 1
+    with open(stem + ".png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def real_images_of(run, split):
+    """A stand-in for Run.generate: the split's own images for its conditions (the examples are
+    drawn in a fixed order, so the i-th condition gets the i-th example's image)."""
+    return lambda self, conditions, **kw: run.examples(split, len(conditions))["image"]
+
+
+class MeanColourFeatures:
+    """A stand-in for the Inception network (tested against pytorch-fid in
+    tests/models/test_inception.py): channel means and their squares, [N, 6]."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def features(self, images):
+        m = np.asarray(images, np.float64).mean(axis=(1, 2)) / 255
+        return np.concatenate([m, m ** 2], axis=1)
+
+
+def test_fid_and_recon_through_evaluate(workdir, tmp_path, monkeypatch):
+    """FID of a split's real images against themselves is 0 and against the other split's is
+    not; recon reports the autoencoder's numbers for each split."""
+    from ldm_jax.evaluation import fid as fid_lib
+
+    weights = tmp_path / "pt_inception.npz"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(fid_lib, "InceptionFeatures", MeanColourFeatures)
+    run = runner.Run(workdir, EvalOptions(**OPTIONS))
+    monkeypatch.setattr(runner.Run, "generate", real_images_of(run, "test"))
+    results = runner.evaluate(workdir, ["fid", "recon"], EvalOptions(**OPTIONS, inception_weights=str(weights)))
+    fid = results["fid"]["result"]
+    assert fid["test"]["fid"] == pytest.approx(0.0, abs=1e-3) and fid["test"]["num_samples"] == 6
+    assert fid["heldout"]["fid"] > 1e-4  # the test images scored as samples for the held-out captions
+    recon = results["recon"]["result"]
+    for split in ("test", "heldout"):
+        assert recon[split]["num_images"] == 6 and np.isfinite(recon[split]["psnr"])
+        assert 0.0 < recon[split]["latent_std"] < 100.0
+    assert os.path.exists(os.path.join(workdir, "eval", "2", "fid.json"))
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("digits_data"))
+    config = workdir_config(**{"data.data_dir": data_dir, "data.name": "digits", "data.options": {},
+                               "eval.splits": ("test",)})
+    return make_workdir(tmp_path_factory.mktemp("digits_run"), config)
+
+
+def test_digit_metrics_score_real_digits_as_the_classifier_does(digits_workdir, tmp_path, monkeypatch):
+    from ldm_jax.evaluation import digits
+
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path))
+    run = runner.Run(digits_workdir, EvalOptions(**OPTIONS))
+    monkeypatch.setattr(runner.Run, "generate", real_images_of(run, "test"))
+    results = runner.evaluate(digits_workdir, ["digit_accuracy", "digits_fid"], EvalOptions(**OPTIONS))
+    acc = results["digit_accuracy"]["result"]["test"]
+    data = run.examples("test", 6)
+    classifier = digits.load_classifier(32)
+    truth = [digits.parse_caption(c) for c in data["caption"]]
+    assert acc["accuracy"] == pytest.approx(np.mean(np.asarray(classifier.predict(data["image"])) == truth))
+    assert acc["classifier_test_accuracy"] == pytest.approx(classifier.test_accuracy) and acc["num_samples"] == 6
+    assert results["digits_fid"]["result"]["test"]["digits_fid"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(runner.MetricUnavailable, match="prompt_accuracy scores text-conditional models of the "
+                       "shapes dataset; this run is 'text'-conditional on 'digits'"):
+        runner.evaluate(digits_workdir, ["prompt_accuracy"], EvalOptions(**OPTIONS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_and_unavailable_metrics_fail_before_computing(workdir):
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['psnr'\]; allowed: bpd, prompt_accuracy"):
+        runner.evaluate(workdir, ["psnr"], EvalOptions(**OPTIONS))
+    with pytest.raises(runner.MetricUnavailable, match="digit_accuracy: digit metrics score models of the digits "
+                       "dataset; this run's dataset is 'shapes'"):
+        runner.evaluate(workdir, ["bpd", "digit_accuracy"], EvalOptions(**OPTIONS))
+    with pytest.raises(runner.MetricUnavailable, match="clip_score needs a local CLIP checkpoint folder"):
+        runner.evaluate(workdir, ["clip_score"], EvalOptions(**OPTIONS))
+    with pytest.raises(runner.MetricUnavailable, match="fid: .*--inception_weights"):
+        runner.evaluate(workdir, ["fid"], EvalOptions(**OPTIONS))
+    with pytest.raises(runner.MetricUnavailable, match="--clip_model /nowhere: no such folder"):
+        runner.evaluate(workdir, ["clip_score"], EvalOptions(**OPTIONS, clip_model="/nowhere"))
+
+
+def test_workdir_without_a_checkpoint_or_that_step(tmp_path, workdir):
+    with pytest.raises(FileNotFoundError, match="has no diffusion \\(ldm\\) checkpoint to evaluate"):
+        runner.evaluate(str(tmp_path), ["bpd"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runner.evaluate(str(tmp_path / "missing"), ["bpd"])
+    with pytest.raises(ValueError, match=r"no ldm checkpoint at step 7; it has \[2\]"):
+        runner.evaluate(workdir, ["bpd"], EvalOptions(step=7))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", "--workdir", str(tmp_path), "--metrics", "bpd"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: workdir ")
+    assert "has no diffusion (ldm) checkpoint" in out.stderr

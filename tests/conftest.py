@@ -13,13 +13,37 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache per test session, made by the controlling process and
+# inherited by the xdist workers: a program compiled by several test files (the tiny models'
+# steps and samplers) is compiled once. Never the user's cache, so that a local run costs what a
+# clean CI run does; removed at the end of the session.
+if "_LDM_JAX_TEST_CACHE" not in os.environ:
+    os.environ["_LDM_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_jax_cache_")
+    _OWN_CACHE = True
+else:
+    _OWN_CACHE = False
+os.environ["LDM_JAX_COMPILATION_CACHE"] = os.environ["_LDM_JAX_TEST_CACHE"]
+
 import jax  # noqa: E402
 
 # Exact float32 matmuls on CPU so parity tests compare like with like.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from ldm_jax.training.loop import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()  # reads LDM_JAX_COMPILATION_CACHE
+
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["_LDM_JAX_TEST_CACHE"], ignore_errors=True)
+
 
 from tests.sizes import SMALL_SHAPES  # noqa: E402
 

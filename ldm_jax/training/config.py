@@ -31,7 +31,9 @@ from ldm_jax.models.unet import DOWN_BLOCK_TYPES, UNet, UP_BLOCK_TYPES
 from ldm_jax.training import autoencoder_stage
 from ldm_jax.training.optim import LR_SCHEDULES
 
-BASE_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
+# configs/base.py, through a symlink inside the package: a wheel install (no checkout beside it)
+# carries the schema as a regular file (setuptools copies the link's target).
+BASE_CONFIG = pathlib.Path(__file__).with_name("base_config.py")
 
 STAGES = ("autoencoder", "ldm")
 AUTOENCODER_SOURCES = ("train", "workdir:<path>", "diffusers:<path>")

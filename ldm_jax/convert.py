@@ -109,7 +109,7 @@ def diffusers_to_workdir(source: str, workdir: str) -> str:
 
     from ldm_jax.interop import diffusers as hf
     from ldm_jax.training import config as config_lib
-    from ldm_jax.training import ldm_stage
+    from ldm_jax.training import autoencoder_stage, ldm_stage
     from ldm_jax.training.checkpoint import StageCheckpoints
     from ldm_jax.training.state import TrainState
 
@@ -131,7 +131,8 @@ def diffusers_to_workdir(source: str, workdir: str) -> str:
     # The state the training loop restores: ldm_stage.init_state's, with the imported UNet.
     k_run = jax.random.split(jax.random.PRNGKey(config.seed))[1]
     extra = {"timesteps": ldm_stage.make_timestep_sampler(config).init()}
-    state = TrainState.create({"unet": c.unet_params}, ldm_stage.make_optimizer(config), k_run, extra=extra)
+    state = TrainState.create({"unet": c.unet_params}, ldm_stage.make_optimizer(config), k_run, extra=extra,
+                             flat=autoencoder_stage.flat_update(config))
     expected = jax.eval_shape(lambda rng: ldm_stage.init_state(config, models, rng), jax.random.PRNGKey(0))
     if jax.tree.structure(expected) != jax.tree.structure(state) or any(
             np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected))):

@@ -311,7 +311,12 @@ def init_state(config, rng: jax.Array) -> TrainState:
         disc_vars = _init_variables(disc, {"params": disc_rng}, dummy)
         extra = dict(disc_params=disc_vars["params"], disc_batch_stats=disc_vars["batch_stats"],
                      disc_opt_state=disc_tx.init(disc_vars["params"]))
-    return TrainState.create(params, tx, state_rng, extra=extra)
+    return TrainState.create(params, tx, state_rng, extra=extra, flat=flat_update(config))
+
+
+def flat_update(config) -> bool:
+    """Update the raveled parameters (see training/state.py) unless they are sharded over fsdp."""
+    return not bool(config["mesh"]["shard_params"])
 
 
 def step_rngs(state: TrainState) -> dict[str, jax.Array]:

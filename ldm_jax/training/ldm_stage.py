@@ -110,7 +110,7 @@ def init_state(config, models: Models, rng) -> TrainState:
     k_params, k_run = jax.random.split(rng)
     extra = {"timesteps": make_timestep_sampler(config).init()}
     return TrainState.create(init_params(config, models, k_params), make_optimizer(config), k_run, extra=extra,
-                             frozen_paths=frozen_paths(config, models))
+                             frozen_paths=frozen_paths(config, models), flat=autoencoder_stage.flat_update(config))
 
 
 def context_fn(models: Models):

@@ -7,13 +7,19 @@ from ldm_jax.training import optim
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, merge_params, split_params
 
 
-def make(lr=0.1):
+@pytest.fixture(params=[False, True], ids=["tree", "flat"])
+def flat(request):
+    """Every update test runs on both paths: per parameter array, and on the raveled vector."""
+    return request.param
+
+
+def make(flat, lr=0.1):
     tx = optim.make_optimizer(lr=lr, total_steps=100, grad_clip=None)
-    return TrainState.create({"w": jnp.array([1.0, 2.0])}, tx, jax.random.PRNGKey(0)), tx
+    return TrainState.create({"w": jnp.array([1.0, 2.0])}, tx, jax.random.PRNGKey(0), flat=flat), tx
 
 
-def test_update_and_ema():
-    state, tx = make()
+def test_update_and_ema(flat):
+    state, tx = make(flat)
     new, info = apply_gradients(state, {"w": jnp.array([1.0, -1.0])}, jnp.float32(0.5), tx, ema_decay=0.9, ema_warmup=False)
     # Adam's first step moves each parameter by lr against the sign of its gradient.
     np.testing.assert_allclose(new.params["w"], [0.9, 2.1], rtol=1e-5)
@@ -22,8 +28,8 @@ def test_update_and_ema():
 
 
 @pytest.mark.parametrize("bad", ["grad", "loss"])
-def test_nonfinite_step_is_skipped_and_counted(bad):
-    state, tx = make()
+def test_nonfinite_step_is_skipped_and_counted(bad, flat):
+    state, tx = make(flat)
     state = state.replace(extra={"x": jnp.zeros(())})
     grads = {"w": jnp.array([jnp.nan if bad == "grad" else 1.0, 1.0])}
     loss = jnp.float32(jnp.inf if bad == "loss" else 1.0)
@@ -51,9 +57,9 @@ def test_ema_warmup_and_lr_schedule():
         optim.learning_rate_schedule(1.0, 0, 100, "linear")
 
 
-def test_gradient_accumulation_averages_micro_batches():
+def test_gradient_accumulation_averages_micro_batches(flat):
     tx = optim.make_optimizer(lr=0.1, total_steps=10, grad_clip=None, grad_accum=2)
-    state = TrainState.create({"w": jnp.zeros(1)}, tx, jax.random.PRNGKey(0))
+    state = TrainState.create({"w": jnp.zeros(1)}, tx, jax.random.PRNGKey(0), flat=flat)
     s1, _ = apply_gradients(state, {"w": jnp.array([1.0])}, jnp.float32(0), tx)
     np.testing.assert_array_equal(s1.params["w"], [0.0])  # first micro-batch: no update yet
     s2, _ = apply_gradients(s1, {"w": jnp.array([3.0])}, jnp.float32(0), tx)
@@ -63,14 +69,15 @@ def test_gradient_accumulation_averages_micro_batches():
     np.testing.assert_allclose(s2.params["w"], ref.params["w"], rtol=1e-6)
 
 
-def test_frozen_paths_are_kept_out_of_the_optimiser_and_the_ema():
+def test_frozen_paths_are_kept_out_of_the_optimiser_and_the_ema(flat):
     tx = optim.make_optimizer(lr=0.1, total_steps=100, grad_clip=None)
     params = {"enc": {"table": jnp.array([5.0, 6.0]), "w": jnp.array([1.0])}, "head": jnp.array([2.0])}
-    state = TrainState.create(params, tx, jax.random.PRNGKey(0), frozen_paths=[("enc", "table")])
+    state = TrainState.create(params, tx, jax.random.PRNGKey(0), frozen_paths=[("enc", "table")], flat=flat)
     trainable, fixed = split_params(state.params, state.frozen_paths)
     assert set(trainable) == {"enc", "head"} and set(trainable["enc"]) == {"w"}
     assert jax.tree.leaves(fixed) == [state.params["enc"]["table"]]
-    assert all(x.shape != (2,) for x in jax.tree.leaves(state.opt_state))  # no Adam moments for the table
+    # Adam's two moments cover the two trainable numbers (w, head), not the table's two.
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * 2
     new, _ = apply_gradients(state, {"enc": {"w": jnp.array([1.0])}, "head": jnp.array([-1.0])},
                              jnp.float32(0.0), tx, ema_decay=0.5, ema_warmup=False)
     np.testing.assert_allclose(new.params["enc"]["w"], [0.9], rtol=1e-6)
@@ -80,3 +87,27 @@ def test_frozen_paths_are_kept_out_of_the_optimiser_and_the_ema():
     assert merge_params(*split_params(new.params, new.frozen_paths)) == new.params
     with pytest.raises(KeyError, match="enc/nope"):
         split_params(params, [("enc", "nope")])
+
+
+def test_flat_and_tree_updates_agree():
+    """Several steps with clipping, weight decay and a frozen subtree: the raveled update is the
+    per-array one (same arithmetic, up to float rounding), and its optimiser state is one vector
+    per moment."""
+    tx = optim.make_optimizer(lr=0.05, total_steps=10, warmup_steps=2, grad_clip=0.5, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    params = {"a": {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "t": jnp.ones(5)},
+              "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+    states = [TrainState.create(params, tx, jax.random.PRNGKey(0), frozen_paths=[("a", "t")], flat=f)
+              for f in (False, True)]
+    assert [x.shape for x in jax.tree.leaves(states[1].opt_state) if x.ndim] == [(19,), (19,)]
+    step = jax.jit(lambda s, g: apply_gradients(s, g, jnp.float32(1.0), tx, ema_decay=0.9))
+    for i in range(4):
+        grads = {"a": {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+                 "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+        (tree, info_t), (flat_s, info_f) = step(states[0], grads), step(states[1], grads)
+        states = [tree, flat_s]
+        np.testing.assert_allclose(info_t["grad_norm"], info_f["grad_norm"], rtol=1e-6)
+    for name in ("params", "ema_params"):
+        for x, y in zip(jax.tree.leaves(getattr(states[0], name)), jax.tree.leaves(getattr(states[1], name))):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert int(states[1].step) == 4 and int(states[1].nonfinite) == 0

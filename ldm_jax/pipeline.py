@@ -31,6 +31,7 @@ from jax.tree_util import Partial
 from ldm_jax.diffusion import samplers, schedules
 from ldm_jax.models.text_encoder import make_tokenizer, tokenize
 from ldm_jax.training import sharding
+from ldm_jax.training.xla_options import compiler_options
 from ldm_jax.workdir import (autoencoder_params as _workdir_autoencoder_params, check_param_shapes,
                              checkpoint_steps, load_workdir_config, restore_stage, workdir_schedule)
 
@@ -144,7 +145,7 @@ class LatentDiffusionPipeline:
         kwargs = {k: v for k, v in schedule.items() if k not in ("prediction", "spacing", "steps_offset")}
         self.noise_schedule = schedules.make_schedule(kwargs.pop("name"), kwargs.pop("num_timesteps"), **kwargs)
         self.trace_count = 0  # traces of the generation program (tests assert it does not grow)
-        self._jitted = jax.jit(self._run, static_argnames="program")
+        self._jitted = jax.jit(self._run, static_argnames="program", compiler_options=compiler_options())
         self._encode_jit, self._decode_jit = jax.jit(self._encode), jax.jit(self._decode)
 
     # ----------------------------------------------------------------------------- loading

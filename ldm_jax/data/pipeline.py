@@ -106,14 +106,22 @@ def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class _Preprocess(grain.transforms.Map):
-    def __init__(self, config: DataConfig):
+    """A record -> {"image" in [-1, 1] (or "latents", its row of a precomputed table), "index",
+    "caption" / "label"}."""
+
+    def __init__(self, config: DataConfig, latents: np.ndarray | None = None):
         self.config = config
+        self.latents = latents
 
     def map(self, element):
         index, record = element
         c = self.config
-        image = resize_and_crop(np.asarray(record[c.image_key]), c.image_size)
-        out = {"image": image.astype(np.float32) / 127.5 - 1.0, "index": np.int64(index)}
+        out = {"index": np.int64(index)}
+        if self.latents is not None:  # the image is not even decoded
+            out["latents"] = self.latents[index]
+        else:
+            image = resize_and_crop(np.asarray(record[c.image_key]), c.image_size)
+            out["image"] = image.astype(np.float32) / 127.5 - 1.0
         if c.caption_key is not None:
             text = record[c.caption_key]
             out["caption"] = text.decode("utf-8") if isinstance(text, bytes) else str(text)
@@ -149,12 +157,14 @@ class _Tokenize(grain.transforms.Map):
         return {"max_length": self.max_length, "_tokenizer": None}
 
 
-def make_dataset(config: DataConfig, *, process_index: int = 0, process_count: int = 1, source=None) -> grain.IterDataset:
+def make_dataset(config: DataConfig, *, process_index: int = 0, process_count: int = 1, source=None,
+                 latents: np.ndarray | None = None) -> grain.IterDataset:
     """The grain dataset of this process's local batches (batch_size / process_count each).
 
     Process p reads records p, p + P, p + 2P, ... of the split, so the processes' shards are
     disjoint and together cover it; each shuffles its shard with a seed shared by all, reshuffled
-    every epoch.
+    every epoch. `latents` (optional, [N, ...] for the split's N records, e.g. the frozen
+    autoencoder's posterior moments): batches carry `latents[index]` instead of decoded images.
     """
     if config.batch_size % process_count:
         raise ValueError(f"data.batch_size={config.batch_size} must be divisible by the process count {process_count}")
@@ -170,7 +180,9 @@ def make_dataset(config: DataConfig, *, process_index: int = 0, process_count: i
     ds = ds.seed(config.seed)
     if config.shuffle:
         ds = ds.shuffle()
-    ds = ds.repeat(None).map(_Preprocess(config))
+    if latents is not None and len(latents) != n:
+        raise ValueError(f"{len(latents)} precomputed latents for the {n} records of split {config.split!r}")
+    ds = ds.repeat(None).map(_Preprocess(config, latents))
     if config.flip:
         ds = ds.random_map(_Flip())
     ds = ds.batch(local_batch, drop_remainder=True)
@@ -219,8 +231,9 @@ class Batches(Iterator[dict]):
 
 
 def make_batches(config: DataConfig, mesh: Mesh | None = None, *, process_index: int | None = None,
-                 process_count: int | None = None, source=None) -> Batches:
+                 process_count: int | None = None, source=None, latents: np.ndarray | None = None) -> Batches:
     """Global batches for this process (defaults: jax.process_index() / jax.process_count())."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    return Batches(make_dataset(config, process_index=process_index, process_count=process_count, source=source), mesh)
+    return Batches(make_dataset(config, process_index=process_index, process_count=process_count, source=source,
+                                latents=latents), mesh)

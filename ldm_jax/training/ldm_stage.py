@@ -11,6 +11,7 @@ baked into the compiled step as constants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from ldm_jax.data import pipeline
 from ldm_jax.diffusion import losses, samplers, schedules
+from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer, tokenize
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import autoencoder_stage, optim
@@ -137,6 +140,48 @@ def encode_latents(models: Models, frozen, images, rng):
     return jax.lax.stop_gradient(z * frozen["scale"])
 
 
+def cached_latents(models: Models, frozen, cached, rng):
+    """z0 from a row of the precomputed table (`encode_split`): a sample of the KL posterior
+    N(mean, exp(logvar)) from its stored moments [B, h, w, 2c] (the same draw as `encode_latents`
+    makes from the images), or a VQ model's continuous latents, times the scale."""
+    if isinstance(models.autoencoder, AutoencoderKL):
+        z = DiagonalGaussian.from_moments(cached).sample(rng)
+    else:
+        z = cached
+    return jax.lax.stop_gradient(z * frozen["scale"])
+
+
+def _encoder_output(models: Models, ae_params, images):
+    out = models.autoencoder.apply({"params": ae_params}, images, method="encode")
+    return jnp.concatenate([out.mean, out.logvar], axis=-1) if isinstance(out, DiagonalGaussian) else out
+
+
+CACHE_LIMIT_BYTES = 2 << 30
+
+
+def encode_split(models: Models, ae_params, source, data, batch_size: int = 256) -> np.ndarray | None:
+    """The frozen autoencoder's output for every record of a split, in record order, float32:
+    the KL posterior's [mean, logvar] ([N, h, w, 2c]) or a VQ model's latents ([N, h, w, c]).
+    None if the table would exceed CACHE_LIMIT_BYTES (the step then encodes its batch itself).
+    The LDM step then draws z0 from the table: the same distribution as encoding each batch, for
+    the cost of one pass over the split (no per-step encoder, no per-step image decoding)."""
+    n = len(source)
+    h, w, c = models.latent_shape
+    width = 2 * c if isinstance(models.autoencoder, AutoencoderKL) else c
+    if n * h * w * width * 4 > CACHE_LIMIT_BYTES:
+        return None
+    encode = jax.jit(functools.partial(_encoder_output, models))
+    out = np.empty((n, h, w, width), np.float32)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size).clip(max=n - 1)  # one compiled shape: pad with the last record
+        images = np.stack([pipeline.resize_and_crop(np.asarray(source[int(i)][data.image_key]), data.image_size)
+                           for i in idx[: n - start]])
+        images = np.concatenate([images, np.repeat(images[-1:], len(idx) - len(images), axis=0)])
+        z = np.asarray(encode(ae_params, jnp.asarray(images, jnp.float32) / 127.5 - 1.0))
+        out[start:start + batch_size] = z[: n - start]
+    return out
+
+
 def make_train_step(config, models: Models):
     """train_step(state, batch, frozen) -> (state, metrics) for the configured objective."""
     d = config.diffusion
@@ -159,12 +204,15 @@ def make_train_step(config, models: Models):
             labels = batch["label"]
             keep = jax.random.bernoulli(rng, 1.0 - dropout_p, labels.shape)
             return jnp.where(keep, labels, models.null_class)
-        return jnp.zeros((batch["image"].shape[0],), jnp.int32)
+        return jnp.zeros((batch["latents" if "latents" in batch else "image"].shape[0],), jnp.int32)
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
-        z0 = encode_latents(models, frozen, batch["image"], k_enc)
+        if "latents" in batch:  # precomputed by encode_split
+            z0 = cached_latents(models, frozen, batch["latents"], k_enc)
+        else:
+            z0 = encode_latents(models, frozen, batch["image"], k_enc)
         cond = drop_conditioning(batch, k_drop)
         t, weights = ts_sampler.sample(state.extra["timesteps"], k_t, z0.shape[0])
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)

@@ -29,6 +29,7 @@ from ldm_jax.training import autoencoder_stage, ldm_stage, sharding
 from ldm_jax.training import config as config_lib
 from ldm_jax.training.checkpoint import StageCheckpoints
 from ldm_jax.training.writer import MetricWriter, image_grid, save_png
+from ldm_jax.training.xla_options import compiler_options
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -92,17 +93,18 @@ def data_config(config, batch_size: int | None = None, split: str | None = None,
 def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | None, init_fn: Callable,
               step_fn: Callable, total_steps: int, data: pipeline.DataConfig, frozen=None,
               meta: dict | None = None, on_log: Callable | None = None,
-              preemption: Preemption | None = None) -> StageResult:
+              preemption: Preemption | None = None, latents=None) -> StageResult:
     """Run one stage to `total_steps` (resuming from its latest checkpoint). See the module docstring.
 
-    `meta` (JSON) is saved with every checkpoint; a restored checkpoint's meta wins.
+    `meta` (JSON) is saved with every checkpoint; a restored checkpoint's meta wins. `latents`:
+    a precomputed table the batches carry rows of instead of images (pipeline.make_dataset).
     """
     t = config.train
     ckpt = StageCheckpoints(workdir, name, keep=t.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(init_fn, rng)
     shardings = sharding.tree_shardings(abstract, mesh, config.mesh.shard_params)
-    batches = pipeline.make_batches(data, mesh)
+    batches = pipeline.make_batches(data, mesh, latents=latents)
     if ckpt.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state, data_state, saved_meta = ckpt.restore(target)
@@ -118,7 +120,8 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
         ckpt.close()
         return StageResult(state, "done", meta)
 
-    step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+    step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)),
+                   compiler_options=compiler_options())
     images_per_step = data.batch_size
     bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a line every 30 s in log files
@@ -261,7 +264,7 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
         from ldm_jax.interop import diffusers as hf
 
         frozen["text_encoder"] = hf.load_diffusers_dir(config.text_encoder.source.split(":", 1)[1]).text_encoder_params
-    sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models))
+    sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models), compiler_options=compiler_options())
     prompts = list(config.train.sample_prompts)
 
     def initial_meta():
@@ -297,7 +300,9 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     # The scale is needed by the step, so resolve it before the loop (from the checkpoint if any).
     ckpt = StageCheckpoints(workdir, "ldm")
     meta = {}
-    if ckpt.latest_step() is not None:
+    latest = ckpt.latest_step()
+    finished = latest is not None and latest >= config.train.steps
+    if latest is not None:
         meta = ckpt.restore_meta()
     ckpt.close()
     if not meta:
@@ -306,11 +311,26 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     frozen_holder["host"] = to_host(frozen)
     frozen = jax.device_put(frozen_holder["host"], sharding.replicated(mesh))  # placed once, not per step
     log.info("latent scale factor %.5f", meta["scale_factor"])
+    latents = None
+    if not finished and config.train.cache_latents and config.autoencoder.kind != "identity":
+        if config.data.flip:
+            log.info("train.cache_latents: not with data.flip=True (a flipped image has other latents); "
+                     "the step encodes its batches")
+        else:
+            t0 = time.perf_counter()
+            data = data_config(config)
+            latents = ldm_stage.encode_split(models, frozen_holder["host"]["autoencoder"], pipeline.load_source(data),
+                                             data)
+            if latents is None:
+                log.info("train.cache_latents: the split's latents would exceed %d bytes; the step encodes its "
+                         "batches", ldm_stage.CACHE_LIMIT_BYTES)
+            else:
+                log.info("encoded the %d training images' latents in %.1f s", len(latents), time.perf_counter() - t0)
     result = run_stage(
         "ldm", config=config, workdir=workdir, mesh=mesh, writer=writer,
         init_fn=lambda rng: ldm_stage.init_state(config, models, rng),
         step_fn=ldm_stage.make_train_step(config, models), total_steps=config.train.steps,
-        data=data_config(config), frozen=frozen, meta=meta, on_log=on_log, preemption=preemption,
+        data=data_config(config), frozen=frozen, meta=meta, on_log=on_log, preemption=preemption, latents=latents,
     )
     if result.status == "done":
         ema = to_host(result.state.ema_params)

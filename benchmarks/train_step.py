@@ -1,0 +1,240 @@
+"""One LDM training step, ldm_jax (jit, float32) against diffusers + PyTorch (float32), on CPU.
+
+    python benchmarks/train_step.py [--sizes tiny,small,sd15] [--steps 10] [--warmup 2] [--batch N]
+
+Both sides train the same UNet architecture (diffusers' `UNet2DConditionModel` is built from our
+config through `interop.unet_weights.unet_config_from_kwargs`; the parameter counts are checked
+equal) on the same batch shape, and do the same work per step: draw t and the noise, noise the
+latents, UNet forward, eps-MSE, backward, clip the global gradient norm, AdamW, EMA update.
+
+* ldm_jax: `common.make_unet_train_step`, the training code's own parts (ldm_stage's optimiser and
+  timestep sampler, `losses.make_loss_fn`, `state.apply_gradients` with its non-finite skip) minus
+  the frozen autoencoder and text encoder, which diffusers' reference script also runs outside
+  the measured work (latents and text context are given); jitted with the state donated.
+* diffusers: what examples/text_to_image/train_text_to_image.py does per step: `torch.optim.AdamW`
+  with the config's hyper-parameters, `clip_grad_norm_`, `EMAModel(foreach=True)`.
+
+The sizes are `common.size_config`: tiny = configs/base.py's UNet (1.8M parameters), batch 64,
+8x8x4 latents; small = widths (64, 128, 128) (7.0M), 16x16 latents, batch 16; sd15 =
+configs/sd15.py's UNet (859.5M) at 32x32 latents, batch 1, which needs about 20 GB of RAM per
+side (parameters, gradients, two AdamW moments and the EMA in float32: 5 x 3.4 GB).
+
+Each side of each size runs in its own process, so the peak RSS (`ru_maxrss` at the end) is its
+own (the diffusers process imports neither jax nor ldm_jax). torch gets `torch.set_num_threads` =
+the CPUs this process may run on (os.cpu_count() on an unrestricted machine), XLA its default
+(the same CPUs). Warm-up steps are excluded; the table shows the median step time of `--steps`
+steps, its ratio ldm_jax / diffusers (< 1: ldm_jax faster) and XLA's compile time (not included in
+the step time).
+
+Prints a markdown table and writes benchmarks/results/train_step.json (or `--out DIR`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; make sure nothing tries
+
+SIDES = ("ldm_jax", "diffusers")
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def jax_worker(spec: dict) -> dict:
+    """One size's ldm_jax step: compile, `warmup` untimed steps, `steps` timed ones."""
+    import jax
+    import numpy as np
+
+    from ldm_jax.models.unet import UNet
+    from ldm_jax.training import config as config_lib
+
+    config = common.size_config(spec["size"], batch=spec.get("batch"))
+    unet = UNet(**config_lib.unet_kwargs(config))
+    latent, context = config_lib.latent_shape(config), common.context_shape(config)
+    params = common.random_params(common.unet_param_shapes(unet, latent, context))
+    n_params = common.param_count(params)
+    state = common.init_unet_train_state(config, unet, params)
+    b = config.data.batch_size
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"latents": rng.standard_normal((b, *latent), np.float32),
+                            "context": rng.standard_normal((b, *context), np.float32)})
+
+    start = time.perf_counter()
+    step = jax.jit(common.make_unet_train_step(config, unet), donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return dict(step_s=common.median(times[spec["warmup"]:]), compile_s=compile_s, batch=b, unet_params=n_params,
+                loss=float(metrics["loss"]), finite=bool(metrics["finite"]), compiled_flops=common.cost_flops(step),
+                backend=jax.default_backend())
+
+
+def torch_worker(spec: dict) -> dict:
+    """One size's diffusers step, as the reference training script does it. Everything about the
+    size comes in `spec` (see `torch_spec`), so this process imports neither jax nor ldm_jax and
+    its peak RSS is PyTorch's alone."""
+    import diffusers
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import EMAModel
+
+    torch.set_num_threads(_threads())
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(spec["unet_config"])
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    o = spec["optim"]
+    optimizer = torch.optim.AdamW(params, lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"],
+                                  weight_decay=o["weight_decay"])
+    ema = EMAModel(params, decay=o["ema_decay"], foreach=True)
+    alphas_cumprod = torch.tensor(spec["alphas_cumprod"], dtype=torch.float32)  # the same noise levels as ours
+    (h, w, c), (length, width), b = spec["latents"], spec["context"], spec["batch"]
+    latents, context = torch.randn(b, c, h, w), torch.randn(b, length, width)
+
+    def step() -> float:
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, len(alphas_cumprod), (b,))
+        abar = alphas_cumprod[t].view(b, 1, 1, 1)
+        noisy = abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        if o["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        return loss.item()
+
+    times = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return dict(step_s=common.median(times[spec["warmup"]:]), batch=b, unet_params=sum(p.numel() for p in params),
+                loss=loss, threads=torch.get_num_threads())
+
+
+def torch_spec(config) -> dict:
+    """What `torch_worker` needs to know about a size: the diffusers UNet config translated from
+    ours (`unet_weights.unet_config_from_kwargs`), the optimiser settings, the schedule's
+    alpha-bars and the shapes."""
+    import numpy as np
+
+    from ldm_jax.interop import unet_weights
+    from ldm_jax.training import config as config_lib
+    from ldm_jax.training import ldm_stage
+
+    o = config.optim
+    alphas_cumprod = ldm_stage.schedule_from_config(config.diffusion).alphas_cumprod
+    return {"unet_config": unet_weights.unet_config_from_kwargs(config_lib.unet_kwargs(config)),
+            "optim": {k: o[k] for k in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay")},
+            "alphas_cumprod": np.asarray(alphas_cumprod, np.float32).tolist(), "batch": config.data.batch_size,
+            "latents": list(config_lib.latent_shape(config)), "context": list(common.context_shape(config))}
+
+
+WORKERS = {"ldm_jax": jax_worker, "diffusers": torch_worker}
+
+
+def measure(sizes, sides, steps: int, warmup: int, batch: int | None) -> list[dict]:
+    """One row per size: each side's worker result (or {"error": ...}) and the time ratio."""
+    from ldm_jax.training import config as config_lib
+
+    rows = []
+    for size in sizes:
+        config = common.size_config(size, batch=batch)
+        row = {"size": size, "batch": config.data.batch_size, "latents": list(config_lib.latent_shape(config)),
+               "context": list(common.context_shape(config))}
+        for side in sides:
+            spec = {"side": side, "size": size, "batch": batch, "steps": steps, "warmup": warmup}
+            if side == "diffusers":
+                spec.update(torch_spec(config))
+            print(f"train_step: {size} / {side} ...", file=sys.stderr, flush=True)
+            try:
+                row[side] = common.run_worker(__file__, spec)
+            except RuntimeError as e:
+                print(f"train_step: {e}", file=sys.stderr)
+                row[side] = {"error": str(e)}
+        ok = [row[s] for s in SIDES if s in row and "error" not in row[s]]
+        if len(ok) == 2:
+            if ok[0]["unet_params"] != ok[1]["unet_params"]:
+                raise RuntimeError(f"size {size}: the two UNets differ ({ok[0]['unet_params']} vs "
+                                   f"{ok[1]['unet_params']} parameters); the comparison would be meaningless")
+            row["time_ratio"] = ok[0]["step_s"] / ok[1]["step_s"]
+        rows.append(row)
+    return rows
+
+
+def table(rows) -> str:
+    def side(row, name, key, scale=1.0):
+        r = row.get(name) or {}
+        return "failed" if "error" in r else (r[key] * scale if key in r else None)
+
+    def img_s(row, name):
+        r = row.get(name) or {}
+        return row["batch"] / r["step_s"] if "step_s" in r else None
+
+    lines = []
+    for r in rows:
+        n = (r.get("ldm_jax") or r.get("diffusers") or {}).get("unet_params")
+        lines.append([r["size"], r["batch"], "x".join(map(str, r["latents"])), f"{n / 1e6:.2f}M" if n else None,
+                      side(r, "ldm_jax", "step_s"), side(r, "diffusers", "step_s"), r.get("time_ratio"),
+                      img_s(r, "ldm_jax"), img_s(r, "diffusers"), side(r, "ldm_jax", "peak_rss_mib"),
+                      side(r, "diffusers", "peak_rss_mib"), side(r, "ldm_jax", "compile_s")])
+    return common.markdown_table(
+        ["size", "batch", "latents", "UNet params", "ldm_jax step (s)", "diffusers step (s)",
+         "ratio ldm_jax/diffusers", "ldm_jax img/s", "diffusers img/s", "ldm_jax peak RSS (MiB)",
+         "diffusers peak RSS (MiB)", "ldm_jax compile (s)"], lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="tiny,small,sd15", help=f"comma-separated, of {', '.join(common.SIZES)}")
+    parser.add_argument("--sides", default="ldm_jax,diffusers", help="comma-separated, of ldm_jax, diffusers")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every size (default: the size's own)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        common.emit(dict(WORKERS[spec["side"]](spec), side=spec["side"], size=spec["size"]))
+        return {}
+    try:
+        sizes = common.parse_list(args.sizes, "--sizes", common.SIZES)
+        sides = common.parse_list(args.sides, "--sides", SIDES)
+        common.check_positive("--steps", args.steps)
+        common.check_positive("--warmup", args.warmup, minimum=0)
+        if args.batch is not None:
+            common.check_positive("--batch", args.batch)
+    except ValueError as e:
+        parser.error(str(e))
+    rows = measure(sizes, sides, args.steps, args.warmup, args.batch)
+    settings = dict(sizes=sizes, sides=sides, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                    dtype="float32", threads=_threads())
+    path = common.write_results("train_step", rows, settings, args.out)
+    info = json.loads(path.read_text())["machine"]
+    print(f"\nOne training step (UNet forward + eps-MSE + backward + clip + AdamW + EMA), float32, "
+          f"median of {args.steps}; {common.machine_line(info)}\n")
+    print(table(rows))
+    print(f"\nwrote {path}")
+    return {"path": str(path), "rows": rows}
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(1 if any("error" in (r.get(s) or {}) for r in result.get("rows", []) for s in SIDES) else 0)

@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark scripts in benchmarks/: each runs end to end at its smallest setting
+(the 1-level `micro` UNet, batch 1-2, one or two timed repetitions) and writes the results file
+it should. They measure nothing: the numbers only have to be positive and well-formed.
+
+What can fail beyond "it ran": the two sides of a comparison must hold the same architecture
+(equal parameter counts) and, for sampling, compute the same images from the same weights and
+latents; the warm compile run must find the cold run's programs in the persistent cache; gpu.py
+must exit 0 without writing on a machine with no GPU; bad flags fail naming the flag.
+
+The scripts' worker processes compile with XLA's cheapest settings (see `cheap_xla`); compilation,
+not the measurement, is what these tests spend their time on.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the side-by-side scripts need the parity extra
+pytest.importorskip("diffusers")
+
+import benchmarks.compile as compile_benchmark  # noqa: E402
+from benchmarks import common, gpu, sampling, train_step  # noqa: E402
+
+CHEAP_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+             "--xla_cpu_use_fusion_emitters=false")
+
+
+@pytest.fixture
+def cheap_xla(monkeypatch):
+    """Worker processes (they inherit the environment) skip XLA's expensive backend passes, which
+    halves compile times; this process's backend is already up, so it is not affected."""
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_XLA}".strip())
+
+
+def read(path):
+    data = json.loads(path.read_text())
+    machine = data["machine"]
+    assert machine["cpu_count"] >= 1 and machine["versions"]["jax"] and machine["date"]
+    return data
+
+
+def test_train_step_smoke(tmp_path, cheap_xla):
+    train_step.main(["--sizes", "micro", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    data = read(tmp_path / "train_step.json")
+    assert data["benchmark"] == "train_step" and data["settings"]["steps"] == 2
+    (row,) = data["rows"]
+    assert (row["size"], row["batch"], row["latents"]) == ("micro", 2, [8, 8, 4])
+    ours, ref = row["ldm_jax"], row["diffusers"]
+    assert "error" not in ours and "error" not in ref
+    assert ours["unet_params"] == ref["unet_params"] > 0  # one architecture on both sides
+    for r in (ours, ref):
+        assert r["step_s"] > 0 and r["peak_rss_mib"] > 0 and 0 < r["loss"] < 100
+    assert ours["finite"] and ours["compile_s"] > 0 and ours["compiled_flops"] > 0
+    assert row["time_ratio"] == pytest.approx(ours["step_s"] / ref["step_s"])
+
+
+def test_sampling_smoke(tmp_path):
+    sampling.main(["--sizes", "micro", "--samplers", "dpm_solver++", "--num_steps", "2", "--repeats", "1",
+                   "--out", str(tmp_path)])
+    data = read(tmp_path / "sampling.json")
+    rows = data["rows"]
+    assert [(r["size"], r["sampler"], r["steps"], r["batch"]) for r in rows] == [("micro", "dpm_solver++", 2, 1)]
+    for r in rows:
+        # Same weights (through a diffusers folder), same latents, matched schedulers: same images.
+        assert r["max_abs_image_diff"] < 1e-3
+        for side in ("ldm_jax", "diffusers"):
+            s = r[side]
+            assert s["images_per_s"] > 0 and s["overhead"] > 0 and s["unet_forward_s"] > 0 and s["decode_s"] > 0
+            assert s["images_per_s"] == pytest.approx(r["batch"] / s["sample_s"])
+        assert r["img_s_ratio"] == pytest.approx(r["ldm_jax"]["images_per_s"] / r["diffusers"]["images_per_s"])
+
+
+def test_compile_smoke(tmp_path, cheap_xla):
+    compile_benchmark.main(["--sizes", "micro", "--out", str(tmp_path)])
+    (row,) = read(tmp_path / "compile.json")["rows"]
+    assert row["size"] == "micro" and row["batch"] == 2
+    cold, warm = row["cold"], row["warm"]
+    for program in compile_benchmark.PROGRAMS:
+        assert cold[program]["lower_s"] > 0 and cold[program]["compile_s"] > 0
+        assert cold[program]["cache_hits"] == 0  # a fresh cache folder
+        # jax stores programs that took >= 1 s to compile; the warm process must then read them back.
+        if cold[program]["compile_s"] > 1.5:
+            assert warm[program]["cache_hits"] == 1
+            assert warm[program]["compile_s"] < cold[program]["compile_s"]
+    assert cold["cache_files"] >= 1
+
+
+def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, gpu.__file__, "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no GPU visible to JAX" in proc.stdout
+    assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (train_step, ["--sizes", "tiny,huge"], "--sizes: unknown value 'huge'; allowed: micro, tiny, small, sd15"),
+    (train_step, ["--steps", "0"], "--steps=0 must be an integer >= 1"),
+    (sampling, ["--samplers", "euler"], "--samplers: unknown value 'euler'; allowed: ddim, dpm_solver++"),
+    (sampling, ["--num_steps", "20,x"], "--num_steps: 'x' is not an integer"),
+    (compile_benchmark, ["--sizes", ""], "--sizes: empty list"),
+    (gpu, ["--batch_sizes", "4,0"], "--batch_sizes: 0 must be a positive integer"),
+])
+def test_bad_flags_name_the_flag(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_size_config_rejects_unknown_sizes():
+    with pytest.raises(ValueError, match="unknown benchmark size 'xl'; allowed: micro, tiny, small, sd15"):
+        common.size_config("xl")

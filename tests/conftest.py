@@ -40,6 +40,13 @@ enable_compilation_cache()  # reads LDM_JAX_COMPILATION_CACHE
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests run first (stable order otherwise): with xdist handing out whole
+    files, the longest ones then start early instead of keeping one worker busy at the end."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["_LDM_JAX_TEST_CACHE"], ignore_errors=True)

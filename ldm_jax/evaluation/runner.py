@@ -508,8 +508,8 @@ def write_summary(run: Run) -> str:
     folder = eval_dir(run)
     lines = [f"# Evaluation of {run.workdir} at step {run.step}", "",
              "| metric | value | settings | wall time |", "|---|---|---|---|"]
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".json"):
+    for name in sorted(f"{m}.json" for m in METRICS):  # not the steps sweeps' tables
+        if not os.path.exists(os.path.join(folder, name)):
             continue
         with open(os.path.join(folder, name)) as f:
             record = json.load(f)

@@ -14,7 +14,6 @@ downloaded. Images are prepared as transformers' ``CLIPImageProcessorPil`` (= Op
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.interop.files import read_json, read_safetensors_weights
 from ldm_jax.interop.clip_vision_weights import (clip_kwargs_from_config,
                                                  clip_params_from_state_dict, make_clip)
 from ldm_jax.models.clip_vision import CLIPDualEncoder, l2_normalize
@@ -140,23 +140,6 @@ class ImagePreprocessor:
 # Reading a checkpoint folder
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})"
-                         ) from None
-
-
 def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -190,23 +173,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"CLIP checkpoint: missing {folder / 'config.json'}; expected "
                                 f"{_EXPECTED}")
-    config = _read_json(folder / "config.json")
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return config, _load_safetensors(single)
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map'")
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise FileNotFoundError(f"missing {folder / shard} (listed in {index})")
-            state.update(_load_safetensors(folder / shard))
-        return config, state
+    config = read_json(folder / "config.json")
+    found = read_safetensors_weights(folder, "model.safetensors")
+    if found is not None:
+        return config, found[0]
     if (folder / "pytorch_model.bin").is_file():
         return config, _load_torch_bin(folder / "pytorch_model.bin")
-    raise FileNotFoundError(f"CLIP checkpoint: missing {single} (nor shards, nor "
+    raise FileNotFoundError(f"CLIP checkpoint: missing {folder / 'model.safetensors'} (nor shards, nor "
                             f"pytorch_model.bin); expected {_EXPECTED}")
 
 
@@ -282,7 +255,7 @@ class CLIPScorer:
         preprocessor = None
         if (folder / "preprocessor_config.json").is_file():
             preprocessor = ImagePreprocessor.from_config(
-                _read_json(folder / "preprocessor_config.json"))
+                read_json(folder / "preprocessor_config.json"))
         tokenizer = _folder_tokenizer(folder, kwargs["text"]["max_position_embeddings"])
         return cls(make_clip(kwargs, dtype), params, tokenizer, preprocessor, batch_size)
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ldm_jax.interop.files import read_json, read_safetensors_weights
 from ldm_jax.interop import clip_weights, unet_weights, vae_weights
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer
@@ -197,47 +198,19 @@ _COMPONENTS = {
 }
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
-
-
 def _read_weights(folder: pathlib.Path, stem: str, variant: str | None
                   ) -> tuple[dict[str, np.ndarray], pathlib.Path]:
     """``{stem}[.{variant}].safetensors``, or the shards listed by its ``.index.json``.
 
     Returns the state dict and the file it came from (the index file for shards)."""
     name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-    single, index = folder / name, folder / f"{name}.index.json"
-    if single.is_file():
-        return _load_safetensors(single), single
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map'")
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise FileNotFoundError(f"missing {folder / shard} (listed in {index})")
-            state.update(_load_safetensors(folder / shard))
-        return state, index
+    found = read_safetensors_weights(folder, name)
+    if found is not None:
+        return found
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
     hint = (f"; found only pickle files {pickles}, which ldm_jax never loads: re-save them with "
             "safe_serialization=True") if pickles else ""
-    raise FileNotFoundError(f"missing {single}{hint}")
+    raise FileNotFoundError(f"missing {folder / name}{hint}")
 
 
 def _load_component(root: pathlib.Path, component: str, variant: str | None, dtype):
@@ -245,7 +218,7 @@ def _load_component(root: pathlib.Path, component: str, variant: str | None, dty
     if not folder.is_dir():
         raise FileNotFoundError(f"missing component folder {folder}")
     stem, config_name, _ = _COMPONENTS[component]
-    config = _read_json(folder / config_name)
+    config = read_json(folder / config_name)
     if component == "unet":
         to_kwargs, to_params, cls = (unet_weights.unet_kwargs_from_config,
                                      unet_weights.unet_params_from_state_dict, UNet)
@@ -280,7 +253,7 @@ def load_diffusers_dir(path, *, variant: str | None = None, dtype=None) -> Diffu
     root = pathlib.Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder {root}")
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     for component, (_, _, classes) in _COMPONENTS.items():
         entry = index.get(component)
         if not entry or entry[-1] is None:
@@ -309,7 +282,7 @@ def load_diffusers_dir(path, *, variant: str | None = None, dtype=None) -> Diffu
     else:  # no tokenizer in the folder: the CLIP vocabulary shipped with ldm_jax
         tokenizer = make_tokenizer(text.max_position_embeddings)
 
-    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     try:
         schedule = schedule_from_scheduler_config(scheduler_config)
     except ValueError as e:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.interop.files import load_npz, load_safetensors
 Dtype = Any
 PrecisionLike = Any
 
@@ -363,19 +364,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"Inception weights: {path} does not exist or is not a file "
                                 f"(the FID network's weights, {FID_WEIGHTS_URL})")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"Inception weights: cannot read {path} ({type(e).__name__}: {e})") from None
+        return load_safetensors(path, "Inception weights: ")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except Exception as e:  # not a zip, truncated, or object arrays (pickles: refused)
-            raise ValueError(f"Inception weights: cannot read {path} as .npz without unpickling "
-                             f"({type(e).__name__}: {e})") from None
+        return load_npz(path, "Inception weights: ")
     if path.suffix in (".pth", ".pt"):
         return _load_pth(path)
     raise ValueError(f"Inception weights: {path} has suffix {path.suffix!r}; allowed: .safetensors, "

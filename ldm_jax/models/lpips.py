@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.interop.files import load_npz, load_safetensors
 Dtype = Any
 
 # torchvision vgg16().features: the conv layers' indices, by block (a 2x2 max-pool before each
@@ -198,19 +199,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"LPIPS weights: {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"LPIPS weights: cannot read {path} ({type(e).__name__}: {e})") from None
+        return load_safetensors(path, "LPIPS weights: ")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except Exception as e:  # not a zip, truncated, or object arrays (pickles: refused)
-            raise ValueError(f"LPIPS weights: cannot read {path} as .npz without unpickling "
-                             f"({type(e).__name__}: {e})") from None
+        return load_npz(path, "LPIPS weights: ")
     raise ValueError(f"LPIPS weights: {path} is neither a .safetensors or .npz file nor a directory "
                      f"with {VGG_FILE} and {LIN_FILE}")
 

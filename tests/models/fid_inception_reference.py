@@ -339,7 +339,7 @@ class InceptionV3(nn.Module):
         if use_fid_inception:
             inception = fid_inception_v3()
         else:  # [edit] torchvision's ImageNet network is not vendored
-            raise NotImplementedError('use_fid_inception=False')
+            raise ValueError('use_fid_inception=False: only the FID network is vendored here')
 
         # Block 0: input to maxpool1
         block0 = [

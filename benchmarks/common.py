@@ -305,15 +305,16 @@ def make_unet_train_step(config, unet):
 
 def init_unet_train_state(config, unet, params, seed: int = 1):
     """A TrainState for `make_unet_train_step`: `{"unet": params}`, the config's optimiser state,
-    the EMA copy and the timestep sampler's state, as `ldm_stage.init_state` makes them."""
+    the EMA copy and the timestep sampler's state, flat or not, as `ldm_stage.init_state` makes them."""
     import jax
 
-    from ldm_jax.training import ldm_stage
+    from ldm_jax.training import autoencoder_stage, ldm_stage
     from ldm_jax.training.state import TrainState
 
     extra = {"timesteps": ldm_stage.make_timestep_sampler(config).init()}
+    # The loop's update path: one raveled vector unless the parameters are fsdp-sharded (sd15).
     return TrainState.create({"unet": jax.device_put(params)}, ldm_stage.make_optimizer(config),
-                             jax.random.PRNGKey(seed), extra=extra)
+                             jax.random.PRNGKey(seed), extra=extra, flat=autoencoder_stage.flat_update(config))
 
 
 def cost_flops(stage) -> float | None:
@@ -337,8 +338,10 @@ def unet_forward_s(unet, params, batch: int, latent_shape, context: tuple[int, i
     import jax
     import numpy as np
 
+    from ldm_jax.training.xla_options import compiler_options
+
     rng = np.random.default_rng(1)
-    forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), compiler_options=compiler_options())
     args = (params, *jax.device_put((rng.standard_normal((batch, *latent_shape), np.float32),
                                      np.full((batch,), 500, np.int32),
                                      rng.standard_normal((batch, *context), np.float32))))

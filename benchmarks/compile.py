@@ -85,14 +85,15 @@ def worker(spec: dict) -> dict:
     import jax
 
     from ldm_jax.training import ldm_stage
+    from ldm_jax.training.xla_options import compiler_options
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kwargs: events.update([event]))
     config = common.size_config(spec["size"], batch=spec.get("batch"), dtype=spec["dtype"], remat=spec["remat"])
     models = ldm_stage.build_models(config)
     state, batch, frozen, cond, key = abstract_inputs(config, models)
-    train = jax.jit(ldm_stage.make_train_step(config, models), donate_argnums=0)
-    sample = jax.jit(ldm_stage.make_sample_fn(config, models))
+    train = jax.jit(ldm_stage.make_train_step(config, models), donate_argnums=0, compiler_options=compiler_options())
+    sample = jax.jit(ldm_stage.make_sample_fn(config, models), compiler_options=compiler_options())
     return {"train": time_compile(train, (state, batch, frozen), events),
             "sample": time_compile(sample, (state.ema_params, frozen, cond, key), events),
             "sampler": f"{config.sampler.name} x {config.sampler.num_steps}",

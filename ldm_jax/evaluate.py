@@ -4,9 +4,10 @@ Evaluates a training run's latest diffusion checkpoint (or `--step`), with its E
 unless `--noema`. Writes `eval/<step>/<metric>.json` and `eval/<step>/summary.md` in the workdir
 and logs the numbers to the run's TensorBoard events and metrics.jsonl.
 
-Metrics: bpd, prompt_accuracy (shapes), digit_accuracy and digits_fid (digits), fid (needs
-`--inception_weights`, the standard FID Inception network's weights as a local file), clip_score
-(needs `--clip_model`, a local transformers CLIP folder), recon (the autoencoder).
+Metrics: bpd, prompt_accuracy (shapes), digit_accuracy and digits_fid (digits), shapes_fid
+(shapes), diversity (shapes, digits: 4 samples per caption against 4 real images of it), fid
+(needs `--inception_weights`, the standard FID Inception network's weights as a local file),
+clip_score (needs `--clip_model`, a local transformers CLIP folder), recon (the autoencoder).
 
 Quality vs. sampler steps (a table and a PNG plot in eval/<step>/):
 
@@ -29,7 +30,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "the training run to evaluate (python -m ldm_jax.train's --workdir)")
     flags.DEFINE_list("metrics", ["bpd"], "comma-separated: bpd, prompt_accuracy, digit_accuracy, digits_fid, "
-                      "fid, clip_score, recon")
+                      "shapes_fid, diversity, fid, clip_score, recon")
     flags.DEFINE_integer("step", None, "the ldm checkpoint step (default: the latest)")
     flags.DEFINE_bool("ema", True, "evaluate the EMA parameters (--noema: the raw ones)")
     flags.DEFINE_string("sampler", None, "sampler for the sampling metrics (default: the run's)")
@@ -45,6 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_string("clip_model", None, "a local transformers CLIP checkpoint folder, for clip_score")
     flags.DEFINE_list("sweep_samplers", None, "quality vs steps: samplers (with --sweep_steps)")
     flags.DEFINE_list("sweep_steps", None, "quality vs steps: step counts (with --sweep_samplers)")
+    flags.DEFINE_integer("diversity_samples", 4, "samples per caption for diversity (num_samples // it captions)")
     flags.DEFINE_bool("progress", False, "a progress bar over each sampling batch's steps")
 
 
@@ -56,7 +58,7 @@ def options_from_flags():
                        splits=tuple(FLAGS.splits) if FLAGS.splits else None, batch_size=FLAGS.batch_size,
                        seed=FLAGS.seed, bpd_examples=FLAGS.bpd_examples, bpd_batch_size=FLAGS.bpd_batch_size,
                        inception_weights=FLAGS.inception_weights, clip_model=FLAGS.clip_model,
-                       progress=FLAGS.progress)
+                       diversity_samples=FLAGS.diversity_samples, progress=FLAGS.progress)
 
 
 def main(argv) -> int:

@@ -241,3 +241,122 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: workdir ")
     assert "has no diffusion (ldm) checkpoint" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes_fid and diversity (feature networks trained on the real data, cached under LDM_JAX_CACHE)
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """LDM_JAX_CACHE shared with tests/evaluation/test_shapes_features.py: the shapes feature
+    network is trained once per test session."""
+    from tests.evaluation.test_shapes_features import session_cache_dir
+
+    return session_cache_dir(tmp_path_factory)
+
+
+def images_by_condition(run, splits):
+    """A stand-in for Run.generate: for each condition in turn, the next real image of it in its
+    split's fixed-seed order (the order `repeated_conditions` takes real images in), so that a
+    caption's K "samples" are the very K real images diversity compares them with."""
+    pools = {}
+    for split in splits:
+        data = run.examples(split, len(run.source(split)))
+        for condition, image in zip(runner._sampling_conditions(run, data), data["image"]):
+            pools.setdefault(condition, []).append(image)
+
+    def generate(self, conditions, **kw):
+        used = {}
+        out = []
+        for c in conditions:
+            out.append(pools[c][used.get(c, 0)])
+            used[c] = used.get(c, 0) + 1
+        return np.stack(out)
+
+    return generate
+
+
+def test_shapes_fid_and_diversity_through_evaluate(workdir, feature_cache, monkeypatch):
+    """With the real images of each caption in place of samples, diversity equals the data's
+    (ratio 1) and shapes_fid is the direct computation on the same images; the metrics' files,
+    scalars and headline are written as every metric's."""
+    from ldm_jax.evaluation import shapes_features
+
+    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+    options = EvalOptions(**dict(OPTIONS, num_samples=8, diversity_samples=3))
+    run = runner.Run(workdir, options)
+    fake = images_by_condition(run, run.splits)
+    monkeypatch.setattr(runner.Run, "generate", fake)
+    results = runner.evaluate(workdir, ["shapes_fid", "diversity"], options)
+    classifier = shapes_features.load_classifier(32)
+    for split in ("test", "heldout"):
+        data = run.examples(split, 8)
+        samples = fake(run, data["caption"])
+        fid = results["shapes_fid"]["result"][split]
+        assert fid["shapes_fid"] == pytest.approx(shapes_features.shapes_fid(samples, data["image"], classifier))
+        assert fid["num_samples"] == 8 and fid["classifier_test_accuracy"] == classifier.test_accuracy
+        div = results["diversity"]["result"][split]
+        assert div["num_captions"] == 2 and div["samples_per_caption"] == 3
+        assert div["diversity"] == pytest.approx(div["real_diversity"]) and div["real_diversity"] > 0
+        assert div["diversity_ratio"] == pytest.approx(1.0)
+    assert results["shapes_fid"]["result"]["test"]["shapes_fid"] > 0  # different images of the same captions
+    with open(os.path.join(workdir, "eval", "2", "summary.md")) as f:
+        summary = f.read()
+    assert "| diversity/heldout/diversity_ratio | 1 |" in summary and "| shapes_fid/test/shapes_fid |" in summary
+    assert runner.headline("diversity", results["diversity"]["result"]).startswith("test: diversity_ratio 1")
+
+
+def test_diversity_falls_to_zero_when_a_caption_always_gives_one_image(workdir, feature_cache, monkeypatch):
+    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+    options = EvalOptions(**dict(OPTIONS, splits=("heldout",)))
+    run = runner.Run(workdir, options)
+    fake = images_by_condition(run, run.splits)
+    # Every sample of a caption is that caption's first real image.
+    monkeypatch.setattr(runner.Run, "generate", lambda self, conditions, **kw: np.stack([fake(self, [c])[0]
+                                                                                         for c in conditions]))
+    result = runner.compute_diversity(run)["heldout"]
+    assert result["diversity"] == 0.0 and result["real_diversity"] > 0 and result["samples_per_caption"] == 4
+
+
+def test_diversity_on_digits_and_shapes_fid_unavailable_there(digits_workdir, monkeypatch):
+    """On digits, diversity measures the digit classifier's features (a stand-in here; the
+    classifier itself is tested in tests/evaluation/test_digits.py)."""
+    from ldm_jax.evaluation import digits
+
+    loaded = []
+
+    def features(images, classifier):
+        assert classifier == "the digit classifier"
+        return MeanColourFeatures(None).features(images)
+
+    monkeypatch.setattr(digits, "load_classifier", lambda size: loaded.append(size) or "the digit classifier")
+    monkeypatch.setattr(digits, "features", features)
+    options = EvalOptions(**dict(OPTIONS, diversity_samples=2))
+    run = runner.Run(digits_workdir, options)
+    monkeypatch.setattr(runner.Run, "generate", images_by_condition(run, run.splits))
+    result = runner.evaluate(digits_workdir, ["diversity"], options)["diversity"]["result"]["test"]
+    assert loaded == [32] and result["num_captions"] == 3 and result["real_diversity"] > 0
+    assert result["diversity_ratio"] == pytest.approx(1.0)
+    with pytest.raises(runner.MetricUnavailable, match="shapes_fid: shapes_fid scores models of the shapes dataset "
+                       r"\(its feature network is trained on shapes images\); this run's dataset is 'digits'"):
+        runner.evaluate(digits_workdir, ["shapes_fid"], options)
+
+
+def test_diversity_settings_are_checked_before_computing(workdir):
+    with pytest.raises(runner.MetricUnavailable, match=r"diversity_samples must be an integer >= 2.*got 1"):
+        runner.evaluate(workdir, ["diversity"], EvalOptions(**dict(OPTIONS, diversity_samples=1)))
+    with pytest.raises(runner.MetricUnavailable, match=r"num_samples \(6\) >= diversity_samples \(8\)"):
+        runner.evaluate(workdir, ["diversity"], EvalOptions(**dict(OPTIONS, diversity_samples=8)))
+
+
+def test_shapes_fid_and_diversity_of_the_runs_own_samples(workdir, feature_cache, monkeypatch):
+    """The real sampler end to end (a random model): two samples of one caption differ, so
+    diversity is positive, and the result is what `diversity` gives for those samples."""
+    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+    options = EvalOptions(**dict(OPTIONS, splits=("heldout",), num_samples=4, diversity_samples=2))
+    results = runner.evaluate(workdir, ["shapes_fid", "diversity"], options)
+    fid, div = results["shapes_fid"]["result"]["heldout"], results["diversity"]["result"]["heldout"]
+    assert np.isfinite(fid["shapes_fid"]) and fid["shapes_fid"] > 0 and fid["num_samples"] == 4
+    assert div["num_captions"] == 2 and div["diversity"] > 0 and div["real_diversity"] > 0
+    assert results["diversity"]["sampler"] == dict(sampler="dpm_solver++", num_steps=2, guidance=2.0)

@@ -10,8 +10,9 @@ metric file of that step. Availability is checked for every requested metric bef
 computed, so a bad request fails at once, with the reason.
 
 Metrics (see each function's docstring): bpd, prompt_accuracy (shapes), digit_accuracy and
-digits_fid (digits), fid (Inception-v3 weights from a local file), clip_score (a local CLIP
-checkpoint), recon (the autoencoder).
+digits_fid (digits), shapes_fid (shapes), diversity (shapes and digits: the spread of samples of
+one caption, against the data's), fid (Inception-v3 weights from a local file), clip_score (a
+local CLIP checkpoint), recon (the autoencoder).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class EvalOptions:
     num_samples: generated images per split for the sampling metrics (and real images for fid).
     splits: the dataset splits to evaluate on (default: the config's `eval.splits`).
     bpd_examples: held-out examples for bpd (each costs T model calls).
+    diversity_samples: samples per caption for diversity (num_samples // diversity_samples captions).
     """
 
     step: int | None = None
@@ -64,6 +66,7 @@ class EvalOptions:
     inception_weights: str | None = None
     clip_model: str | None = None
     progress: bool = False
+    diversity_samples: int = 4
 
 
 class Run:
@@ -341,6 +344,110 @@ def _sampling_conditions(run: Run, data: dict) -> list:
     return [0] * len(data["image"])
 
 
+def _shapes_fid_unavailable(run: Run):
+    from ldm_jax.evaluation import shapes_features
+
+    if run.dataset != "shapes":
+        return (f"shapes_fid scores models of the shapes dataset (its feature network is trained on shapes "
+                f"images); this run's dataset is {run.dataset!r}")
+    try:
+        shapes_features.check_image_size(run.config.data.image_size)
+    except ValueError as e:
+        return f"data.image_size: {e}"
+    return None
+
+
+def compute_shapes_fid(run: Run) -> dict:
+    """Shapes: the Fréchet distance between `num_samples` real images of each split and as many
+    samples for their captions, in the features of a small CNN trained once on real shapes images
+    to name their colour, shape and position (cached; works offline; a dataset-specific FID, not
+    comparable with Inception FID). Also reports that network's accuracy on fresh real images."""
+    from ldm_jax.evaluation import shapes_features
+
+    classifier = shapes_features.load_classifier(run.config.data.image_size)
+    result = {}
+    for k, split in enumerate(run.splits):
+        data = run.examples(split, run.options.num_samples)
+        images = run.generate(_sampling_conditions(run, data), seed_offset=100_000 * k)
+        result[split] = {"shapes_fid": float(shapes_features.shapes_fid(images, data["image"], classifier)),
+                         "num_samples": len(images),
+                         "classifier_test_accuracy": dict(classifier.test_accuracy)}
+    return result
+
+
+DIVERSITY_DATASETS = ("shapes", "digits")  # the datasets with a feature network of their own
+
+
+def _diversity_unavailable(run: Run):
+    if run.dataset not in DIVERSITY_DATASETS:
+        return (f"diversity needs a feature network for the dataset ({', '.join(DIVERSITY_DATASETS)}); "
+                f"this run's dataset is {run.dataset!r}")
+    if run.conditioning not in ("text", "class"):
+        return (f"diversity compares samples of one caption or class; this run is "
+                f"{run.conditioning!r}-conditional")
+    k = run.options.diversity_samples
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        return f"diversity_samples must be an integer >= 2 (samples per caption), got {k!r}"
+    if run.options.num_samples < k:
+        return (f"diversity needs num_samples ({run.options.num_samples}) >= diversity_samples ({k}): "
+                f"num_samples // diversity_samples captions are sampled")
+    if run.dataset == "shapes":
+        return _shapes_fid_unavailable(run)
+    if run.config.data.image_size % 8:
+        return f"data.image_size must be a multiple of 8 for the digit classifier, got {run.config.data.image_size}"
+    return None
+
+
+def _feature_extractor(run: Run) -> Callable:
+    """images [N, S, S, 3] uint8 -> features [N, D] of the run's dataset's own feature network."""
+    size = run.config.data.image_size
+    if run.dataset == "shapes":
+        from ldm_jax.evaluation import shapes_features
+
+        return functools.partial(shapes_features.features, classifier=shapes_features.load_classifier(size))
+    from ldm_jax.evaluation import digits
+
+    return functools.partial(digits.features, classifier=digits.load_classifier(size))
+
+
+def repeated_conditions(run: Run, split: str, num_conditions: int, per_condition: int) -> tuple[list, np.ndarray]:
+    """Up to `num_conditions` conditions (captions, or labels for a class model) of a split that
+    have at least `per_condition` examples, and those examples' images [n, per_condition, S, S, 3]:
+    the first conditions to reach `per_condition` images and their first images, in the split's
+    fixed-seed order (`Run.examples`). Reads the whole split (the built-in sets are small)."""
+    data = run.examples(split, len(run.source(split)))
+    groups = {}
+    for condition, image in zip(_sampling_conditions(run, data), data["image"]):
+        groups.setdefault(condition, []).append(image)
+    full = [c for c, images in groups.items() if len(images) >= per_condition][:num_conditions]
+    if not full:
+        raise ValueError(f"diversity: no caption of split {split!r} has {per_condition} images "
+                         f"(diversity_samples); the most any has is {max(map(len, groups.values()), default=0)}")
+    return full, np.stack([np.stack(groups[c][:per_condition]) for c in full])
+
+
+def compute_diversity(run: Run) -> dict:
+    """Sample diversity (shapes and digits): `num_samples // diversity_samples` captions of each
+    split, `diversity_samples` samples each (same caption, different seeds); the mean pairwise
+    distance between one caption's samples in the dataset's feature network (the shapes CNN, or
+    the digit classifier), averaged over captions, next to the same statistic for as many real
+    images of each caption (the data's own diversity) and their ratio. Higher guidance is
+    expected to lower it (Ho & Salimans 2021, classifier-free guidance trades diversity for
+    fidelity)."""
+    from ldm_jax.evaluation import shapes_features
+
+    extract = _feature_extractor(run)
+    per = int(run.options.diversity_samples)
+    result = {}
+    for k, split in enumerate(run.splits):
+        conditions, real = repeated_conditions(run, split, run.options.num_samples // per, per)
+        images = run.generate([c for c in conditions for _ in range(per)], seed_offset=100_000 * k)
+        generated = extract(images).reshape(len(conditions), per, -1)  # [N, K, D]
+        real = extract(real.reshape((-1,) + real.shape[2:])).reshape(len(conditions), per, -1)
+        result[split] = shapes_features.diversity(generated, real)
+    return result
+
+
 def _clip_unavailable(run: Run):
     if run.conditioning != "text":
         return f"clip_score needs a text-conditional model; this run is {run.conditioning!r}-conditional"
@@ -394,6 +501,8 @@ METRICS = {
     "prompt_accuracy": Metric(compute_prompt_accuracy, _prompt_accuracy_unavailable, samples=True),
     "digit_accuracy": Metric(compute_digit_accuracy, _digits_unavailable, samples=True),
     "digits_fid": Metric(compute_digits_fid, _digits_unavailable, samples=True),
+    "shapes_fid": Metric(compute_shapes_fid, _shapes_fid_unavailable, samples=True),
+    "diversity": Metric(compute_diversity, _diversity_unavailable, samples=True),
     "fid": Metric(compute_fid, _fid_unavailable, samples=True),
     "clip_score": Metric(compute_clip_score, _clip_unavailable, samples=True),
     "recon": Metric(compute_recon, _recon_unavailable, samples=False),
@@ -527,7 +636,7 @@ def write_summary(run: Run) -> str:
 
 
 HEADLINE = {"prompt_accuracy": "ok", "digit_accuracy": "accuracy", "digits_fid": "digits_fid", "fid": "fid",
-            "clip_score": "clip_score"}
+            "clip_score": "clip_score", "shapes_fid": "shapes_fid", "diversity": "diversity_ratio"}
 
 
 def steps_sweep(workdir: str, metric: str, sampler_names: Sequence[str], steps: Sequence[int],

@@ -23,10 +23,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import warnings
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,9 @@ import numpy as np
 import optax
 
 from ldm_jax.data import digits as digits_data
+from ldm_jax.evaluation import network_cache
 from ldm_jax.evaluation.frechet import frechet_distance_of_features
+from ldm_jax.evaluation.network_cache import default_cache_dir
 
 # Bump when anything below changes the trained network (architecture, data, optimiser, steps):
 # the version names the cache file, so an old cache is never read by a new recipe.
@@ -198,42 +198,21 @@ def train_classifier() -> DigitClassifier:
     return dataclasses.replace(untested, test_accuracy=accuracy)
 
 
-def default_cache_dir() -> str:
-    """`$LDM_JAX_CACHE`, or `~/.cache/ldm_jax`."""
-    return os.path.expanduser(os.environ.get("LDM_JAX_CACHE", "~/.cache/ldm_jax"))
-
-
 def cache_file(cache_dir: str | None = None) -> str:
     """Where the classifier is cached."""
     return os.path.join(cache_dir or default_cache_dir(), "digit_classifier", f"v{RECIPE_VERSION}.npz")
 
 
 def _save(classifier: DigitClassifier, path: str):
-    flat = flax.traverse_util.flatten_dict(classifier.params, sep="/")
-    arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
-    arrays.update(test_accuracy=np.float64(classifier.test_accuracy), recipe_version=np.int64(RECIPE_VERSION))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Write then rename, so a reader (or a crash mid-write) never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    network_cache.save(path, classifier.params, {"test_accuracy": np.float64(classifier.test_accuracy),
+                                                 "recipe_version": np.int64(RECIPE_VERSION)})
 
 
 def _load(path: str) -> DigitClassifier:
     """The cached classifier; ValueError if the file is not one this recipe wrote."""
-    with np.load(path, allow_pickle=False) as f:
-        if int(f["recipe_version"]) != RECIPE_VERSION:
-            raise ValueError(f"recipe version {int(f['recipe_version'])}, expected {RECIPE_VERSION}")
-        flat = {k[len("params/"):]: np.asarray(f[k]) for k in f.files if k.startswith("params/")}
-        test_accuracy = float(f["test_accuracy"])
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
-    want = _param_shapes()
-    if jax.tree.map(lambda a: a.shape, params) != want:
+    params, scalars = network_cache.load(path, RECIPE_VERSION)
+    test_accuracy = float(scalars["test_accuracy"])
+    if jax.tree.map(lambda a: a.shape, params) != _param_shapes():
         raise ValueError("parameters do not match DigitCNN")
     if not 0.0 <= test_accuracy <= 1.0:
         raise ValueError(f"test accuracy {test_accuracy} out of range")

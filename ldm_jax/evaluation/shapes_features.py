@@ -28,11 +28,9 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 import warnings
 from typing import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,7 +39,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ldm_jax.data import shapes as shapes_data
-from ldm_jax.evaluation.digits import default_cache_dir
+from ldm_jax.evaluation import network_cache
+from ldm_jax.evaluation.network_cache import default_cache_dir
 from ldm_jax.evaluation.frechet import frechet_distance_of_features
 
 # Bump when anything below changes the trained network (architecture, data, optimiser, steps):
@@ -249,32 +248,17 @@ def cache_file(image_size: int, cache_dir: str | None = None) -> str:
 
 
 def _save(classifier: ShapesClassifier, path: str):
-    flat = flax.traverse_util.flatten_dict(classifier.params, sep="/")
-    arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
-    arrays.update({f"test_accuracy/{k}": np.float64(v) for k, v in classifier.test_accuracy.items()})
-    arrays.update(recipe_version=np.int64(RECIPE_VERSION), image_size=np.int64(classifier.image_size))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Write then rename, so a reader (or a crash mid-write) never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    network_cache.save(path, classifier.params, {
+        **{f"test_accuracy/{k}": np.float64(v) for k, v in classifier.test_accuracy.items()},
+        "recipe_version": np.int64(RECIPE_VERSION), "image_size": np.int64(classifier.image_size)})
 
 
 def _load(path: str, image_size: int) -> ShapesClassifier:
     """The cached classifier; ValueError if the file is not one this recipe wrote for this size."""
-    with np.load(path, allow_pickle=False) as f:
-        if int(f["recipe_version"]) != RECIPE_VERSION:
-            raise ValueError(f"recipe version {int(f['recipe_version'])}, expected {RECIPE_VERSION}")
-        if int(f["image_size"]) != image_size:
-            raise ValueError(f"image size {int(f['image_size'])}, expected {image_size}")
-        flat = {k[len("params/"):]: np.asarray(f[k]) for k in f.files if k.startswith("params/")}
-        accuracy = {k[len("test_accuracy/"):]: float(f[k]) for k in f.files if k.startswith("test_accuracy/")}
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
+    params, scalars = network_cache.load(path, RECIPE_VERSION)
+    if int(scalars["image_size"]) != image_size:
+        raise ValueError(f"image size {int(scalars['image_size'])}, expected {image_size}")
+    accuracy = {k[len("test_accuracy/"):]: float(v) for k, v in scalars.items() if k.startswith("test_accuracy/")}
     if jax.tree.map(lambda a: a.shape, params) != _param_shapes():
         raise ValueError("parameters do not match ShapesCNN")
     if set(accuracy) != {*ATTRIBUTES, "all"} or not all(0.0 <= v <= 1.0 for v in accuracy.values()):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.data import digits as digits_data
-from ldm_jax.evaluation import digits
+from ldm_jax.evaluation import digits, network_cache
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path))
     assert digits.cache_file() == os.path.join(str(tmp_path), "digit_classifier", f"v{digits.RECIPE_VERSION}.npz")
     monkeypatch.delenv("LDM_JAX_CACHE")
-    assert digits.default_cache_dir() == os.path.expanduser("~/.cache/ldm_jax")
+    assert network_cache.default_cache_dir() == os.path.expanduser("~/.cache/ldm_jax")
 
 
 def test_digit_accuracy_with_true_and_shuffled_captions(classifier, real_test):

@@ -1,0 +1,43 @@
+"""The cache of the small evaluation networks trained once on real data (the digit classifier,
+the shapes feature CNN): `<cache>/<name>/<file>.npz`, `<cache>` being `$LDM_JAX_CACHE` or
+`~/.cache/ldm_jax`. Parameters and a few scalars in a plain npz (no pickles), written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import flax
+import numpy as np
+
+
+def default_cache_dir() -> str:
+    """`$LDM_JAX_CACHE`, or `~/.cache/ldm_jax`."""
+    return os.path.expanduser(os.environ.get("LDM_JAX_CACHE", "~/.cache/ldm_jax"))
+
+
+def save(path: str, params: dict, scalars: dict) -> None:
+    """`params` (nested dict of arrays) as `params/<a>/<b>` entries and `scalars` as themselves;
+    written then renamed, so a reader (or a crash mid-write) never sees half a file."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
+    arrays.update({k: np.asarray(v) for k, v in scalars.items()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: str, recipe_version: int) -> tuple[dict, dict]:
+    """(params, the other entries as numpy scalars) of a file `save` wrote; ValueError if its
+    recipe_version is not `recipe_version` (the network it holds is another recipe's)."""
+    with np.load(path, allow_pickle=False) as f:
+        if int(f["recipe_version"]) != recipe_version:
+            raise ValueError(f"recipe version {int(f['recipe_version'])}, expected {recipe_version}")
+        flat = {k[len("params/"):]: np.asarray(f[k]) for k in f.files if k.startswith("params/")}
+        scalars = {k: f[k][()] for k in f.files if not k.startswith("params/")}
+    return flax.traverse_util.unflatten_dict(flat, sep="/"), scalars

@@ -77,23 +77,30 @@ class ShapesCNN(nn.Module):
 
 
 def check_image_size(image_size) -> int:
-    """`image_size` as an int if the network can read images of that size; ValueError otherwise."""
-    if not isinstance(image_size, (int, np.integer)) or image_size <= 0 or image_size % INPUT_SIZE:
-        raise ValueError(f"image_size must be a positive multiple of {INPUT_SIZE} (the shapes feature "
-                         f"network reads {INPUT_SIZE}x{INPUT_SIZE} block averages), got {image_size!r}")
+    """`image_size` as an int if the network can read images of that size (a multiple of 32, or a
+    divisor of it of at least 8); ValueError otherwise."""
+    ok = isinstance(image_size, (int, np.integer)) and image_size > 0 and (
+        image_size % INPUT_SIZE == 0 or (image_size >= 8 and INPUT_SIZE % image_size == 0))
+    if not ok:
+        raise ValueError(f"image_size must be a positive multiple of {INPUT_SIZE}, or 8 or 16 (the shapes "
+                         f"feature network reads {INPUT_SIZE}x{INPUT_SIZE} images), got {image_size!r}")
     return int(image_size)
 
 
 def to_input(images) -> np.ndarray:
-    """Images [N, S, S, 3] uint8 (S a multiple of 32) -> [N, 32, 32, 3] float32 in [0, 1], the
-    mean of each S/32 x S/32 block."""
+    """Images [N, S, S, 3] uint8 -> [N, 32, 32, 3] float32 in [0, 1]: the mean of each S/32 x S/32
+    block for S a multiple of 32, nearest upscaling for S = 8 or 16 (pixel-space runs at low
+    resolution; the network is then trained on upscaled images of that size)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"shapes images must be [N, S, S, 3], got shape {images.shape}")
     if images.dtype != np.uint8:
         raise ValueError(f"shapes images must be uint8 (0..255), got dtype {images.dtype}")
     n, s = images.shape[:2]
-    f = check_image_size(s) // INPUT_SIZE
+    if check_image_size(s) < INPUT_SIZE:
+        up = INPUT_SIZE // s
+        return np.repeat(np.repeat(images, up, axis=1), up, axis=2).astype(np.float32) / 255.0
+    f = s // INPUT_SIZE
     blocks = images.reshape(n, INPUT_SIZE, f, INPUT_SIZE, f, 3).astype(np.float32)
     return blocks.mean(axis=(2, 4)) / 255.0
 

@@ -136,6 +136,20 @@ def test_block_average_input():
     np.testing.assert_array_equal(sf.to_input(images[:, ::2, ::2]), images[:, ::2, ::2] / np.float32(255))
 
 
+
+def test_small_images_are_upscaled():
+    """Pixel-space runs at 16x16 (and 8x8): nearest upscaling to the network's 32x32."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    x = sf.to_input(images)
+    assert x.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(x[:, 2 * 5:2 * 5 + 2, 2 * 7:2 * 7 + 2], np.broadcast_to(
+        images[:, 5:6, 7:8] / np.float32(255), (2, 2, 2, 3)))
+    assert sf.check_image_size(8) == 8
+    for bad in (4, 12, 24):
+        with pytest.raises(ValueError, match=f"8 or 16.*got {bad}"):
+            sf.check_image_size(bad)
+
+
 # ----------------------------------------------------------------------------------- diversity
 
 

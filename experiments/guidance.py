@@ -23,3 +23,27 @@ def sweep():
                  evaluate={"num_samples": 256},
                  columns=["prompt_accuracy/test/ok", "prompt_accuracy/heldout/ok", "diversity/test/diversity_ratio"],
                  x="evaluate.guidance")
+
+
+FINDINGS = """
+Run on this 2-core CPU (evaluation ~15 minutes; the training run is configs/base.py's own
+measured run, 1400 + 1600 steps, reused as the sweep's `base` workdir).
+
+Agrees with the expected direction up to w = 3, then departs from it faster than the papers'
+ImageNet curves:
+- Prompt accuracy rises from 75.8% without guidance (w = 1) to 91.0% at w = 2 and 92.2% at w = 3
+  on `test` (heldout: 61.7% -> 85.2% at w = 2), then falls: 78.1% at w = 5, 44.5% at w = 10.
+  Colour and position stay at 97-100% at every w >= 1.5; the loss is all in shape (93% at w = 3,
+  48% at w = 10): strong guidance over-drives the few-step solver. Looked at (same prompts and
+  seeds at w = 2 and w = 10): at w = 10 circles grow bulges into a four-pointed diamond, squares
+  get ragged, triangles break into scattered fragments and the black background picks up coloured
+  noise, while colour and place stay right. With 20 DPM-Solver++
+  steps and a 1.8M-parameter UNet the guided score leaves the data manifold sooner than with the
+  papers' large models and 250+ steps.
+- Diversity (mean pairwise feature distance of 4 samples of one caption, relative to 4 real
+  images of it) falls from 1.53 at w = 1 (unguided samples vary more than the data: many are
+  wrong) to 0.72 at w = 2 and 0.50 at w = 5, the expected trade of diversity for fidelity. Above
+  w = 5 it rises again (0.71 at w = 10): the samples do not become more varied shapes, they
+  become varied failures.
+- The base config's w = 2 sits just before the accuracy peak with 72% of the data's diversity.
+"""

@@ -227,6 +227,19 @@ class LatentDiffusionPipeline:
         return 2 ** (len(blocks) - 1) if blocks else 1
 
     @property
+    def clip_x0(self) -> float | None:
+        """Pixel-space models clip the predicted x_0 to the data's [-1, 1] at every step (DDPM's
+        sampler does): near t = T, abar_T is ~1e-9 under the cosine schedule, and the x_0 implied by
+        an eps error of 1% is off by hundreds without it. Latents have no such bound."""
+        return 1.0 if self.autoencoder_is_identity else None
+
+    @property
+    def autoencoder_is_identity(self) -> bool:
+        from ldm_jax.training.autoencoder_stage import IdentityAutoencoder
+
+        return isinstance(self.autoencoder, IdentityAutoencoder)
+
+    @property
     def size_multiple(self) -> int:
         """Heights and widths must be multiples of this: the autoencoder's factor times the UNet's."""
         return self.downsampling_factor * 2 ** (len(self.unet.block_out_channels) - 1)
@@ -522,7 +535,7 @@ class LatentDiffusionPipeline:
                 model, self.noise_schedule, shape, keys[:, 1], sampler=program.sampler, num_steps=program.num_steps,
                 prediction=s["prediction"], eta=inputs["eta"], variance=self.variance, spacing=s["spacing"],
                 steps_offset=s["steps_offset"], x_T=x, return_trajectory=program.record_every, start_step=start,
-                after_step=hook)
+                after_step=hook, clip_x0=self.clip_x0)
             z, traj = result if program.record_every else (result, None)
             if traj is not None:
                 n = traj["x_t"].shape[0]

@@ -245,6 +245,11 @@ def test_micro_sweep_creates_a_workdir_per_point(micro):
         assert r["metrics"]["bpd"]["result"]["num_examples"] == 4
     spec = json.load(open(os.path.join(root, "seed=1", "experiment", "spec.json")))
     assert spec["overrides"] == {"seed": "1"}
+    # Pixel-space sampling clips the predicted x_0 to [-1, 1] (without it, abar_T ~ 1e-9 of the
+    # cosine schedule turned every sample into saturated noise).
+    from ldm_jax.pipeline import LatentDiffusionPipeline
+
+    assert LatentDiffusionPipeline.from_workdir(os.path.join(root, "seed=0")).clip_x0 == 1.0
     assert "2 training runs, 2 points" in first.stdout and "all 2 runs complete" in first.stdout
 
 

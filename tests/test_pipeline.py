@@ -266,6 +266,7 @@ def pipe(run):
 
 def test_from_workdir_loads_the_ema_weights_scale_and_sampler(run, pipe):
     path, config = run
+    assert pipe.clip_x0 is None  # latents are unbounded (pixel-space runs clip: tests/test_experiments.py)
     ckpt = StageCheckpoints(path, "ldm")
     state, _, _ = ckpt.restore(jax.eval_shape(
         lambda r: ldm_stage.init_state(config, ldm_stage.build_models(config), r), jax.random.PRNGKey(0)))

@@ -257,7 +257,8 @@ def make_sample_fn(config, models: Models):
                                                   s.guidance_scale, s.guidance_rescale)
         z = samplers.sample(model, models.schedule, (batch, *models.latent_shape), rng, sampler=s.name,
                             num_steps=s.num_steps, prediction=config.diffusion.prediction, eta=s.eta,
-                            variance=config.diffusion.variance, spacing=s.spacing)
+                            variance=config.diffusion.variance, spacing=s.spacing,
+                            clip_x0=1.0 if config.autoencoder.kind == "identity" else None)  # as the pipeline
         images = models.autoencoder.apply({"params": frozen["autoencoder"]}, z / frozen["scale"], method="decode")
         return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 

@@ -1,0 +1,79 @@
+"""notebooks/quickstart_colab_tpu.ipynb top to bottom in its small setting: tiny networks trained
+for a few dozen steps on the test session's small shapes build, then generation, the denoising
+trajectory and prompt accuracy."""
+import json
+import os
+import re
+
+import pytest
+
+from tests.notebooks.execute import image_outputs, outputs_text, run_notebook
+from tests.sizes import SMALL_SHAPES
+
+
+def kernel_env() -> dict:
+    """The kernel's XLA flags: one CPU device instead of the session's four (as on a Colab CPU
+    runtime: no SPMD partitioning to compile; tests/training covers several devices), and XLA's
+    CPU backend without LLVM's optimisation passes. Compiling the steps and samplers is nearly all
+    of this notebook's time on a CPU: measured on one core, these flags took it from ~120 s to
+    ~65 s of CPU time (opt level 0 most of it; 4 -> 1 device ~15 s), while the tiny models' few
+    dozen steps run a few seconds slower in all."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    flags += (" --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+              " --xla_llvm_disable_expensive_passes=true")
+    return {"XLA_FLAGS": flags.strip()}
+
+
+@pytest.fixture(scope="module")
+def executed(shapes_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("quickstart")
+    nb = run_notebook("quickstart_colab_tpu.ipynb", {"SMALL": True, "DATA_DIR": shapes_dir}, cwd=cwd,
+                      env=kernel_env())
+    return nb, os.path.join(cwd, "runs", "quickstart"), shapes_dir
+
+
+@pytest.mark.slow
+def test_trains_both_stages_into_the_workdir(executed):
+    nb, workdir, _ = executed
+    for stage in ("autoencoder", "ldm"):
+        assert os.listdir(os.path.join(workdir, "checkpoints", stage)), stage
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    # SMALL trains 20 steps per stage, logged every 5.
+    assert [r["step"] for r in rows if "ldm/loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if "autoencoder/loss" in r] == [5, 10, 15, 20]
+    text = outputs_text(nb)
+    assert "'status': 'done', 'step': 20" in text  # the printed summary
+    assert "on cpu: 1 device(s)" in text
+
+
+@pytest.mark.slow
+def test_small_setting_uses_the_tests_shapes_build(executed):
+    """SMALL's dataset options are tests/sizes.py's, so the session's build is reused, not rebuilt."""
+    _, workdir, shapes_dir = executed
+    with open(os.path.join(workdir, "config.json")) as f:
+        data = json.load(f)["data"]
+    assert data["data_dir"] == shapes_dir and data["options"] == SMALL_SHAPES
+
+
+@pytest.mark.slow
+def test_shows_data_losses_grid_trajectory_and_accuracy(executed):
+    nb, _, _ = executed
+    assert image_outputs(nb) == 5  # examples, loss curves, prompt grid, trajectory, accuracy bars
+    text = outputs_text(nb)
+    # 3 sampler steps in SMALL: x_t and predicted x0 recorded at every step.
+    assert "3 recorded steps of 3" in text
+
+
+@pytest.mark.slow
+def test_prints_prompt_accuracy_of_both_splits(executed):
+    nb, workdir, _ = executed
+    text = outputs_text(nb)
+    found = dict(re.findall(r"prompt accuracy \((\w+)\): ([\d.]+)%", text))
+    assert set(found) == {"test", "heldout"}
+    assert all(0.0 <= float(v) <= 100.0 for v in found.values())
+    with open(os.path.join(workdir, "eval", "20", "prompt_accuracy.json")) as f:
+        record = json.load(f)
+    for split in ("test", "heldout"):
+        assert record["result"][split]["num_samples"] == 8  # EVAL_SAMPLES of the small setting
+        assert float(found[split]) == pytest.approx(100 * record["result"][split]["ok"], abs=0.05)

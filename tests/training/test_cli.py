@@ -12,19 +12,21 @@ import pytest
 
 from ldm_jax.training.checkpoint import StageCheckpoints
 from tests.training.test_loop import read_metrics
-from tests.training.tiny import ROOT
+from tests.training.tiny import ROOT, cheap_compilation_env
 
 
 def _config_file(tmp_path, data_dir, **body) -> str:
-    """A configs/*.py-style file for the CLI that builds the tiny config with some overrides."""
+    """A configs/*.py-style file for the CLI that builds the tiny config, with the one-level UNet
+    (the command line, not the UNet, is under test) and some overrides."""
     lines = [f"config.{k} = {v!r}" for k, v in body.items()]
     path = tmp_path / "tiny_cli_config.py"
     path.write_text("\n".join([
         "import sys",
         f"sys.path.insert(0, {ROOT!r})",
-        "from tests.training.tiny import ROOT, tiny_config",
+        "from tests.training.tiny import ROOT, TINY_UNET, tiny_config",
         "def get_config():",
         f"    config = tiny_config({data_dir!r})",
+        "    config.unet = dict(TINY_UNET)",
         *["    " + line for line in lines],
         "    return config",
     ]))
@@ -32,8 +34,9 @@ def _config_file(tmp_path, data_dir, **body) -> str:
 
 
 def _cli(config_path, workdir, *extra, env=None):
+    """The training CLI in a subprocess, compiling cheaply (tests/training/tiny.py)."""
     cmd = [sys.executable, "-m", "ldm_jax.train", "--config", config_path, "--workdir", workdir, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=cheap_compilation_env(env or os.environ), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,7 +10,14 @@ import pytest
 from ldm_jax.training import loop, optim, sharding
 from ldm_jax.training.checkpoint import ShapeMismatchError, StageCheckpoints
 from ldm_jax.training.state import TrainState, apply_gradients
-from tests.training.tiny import tiny_config
+from tests.training.tiny import cheap_compilation, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_compilation():
+    """The training loop's programs compile cheaply here (see tests/training/tiny.py)."""
+    with cheap_compilation():
+        yield
 
 
 def read_metrics(workdir):

@@ -21,13 +21,14 @@ from ldm_jax.training import config as config_lib
 from ldm_jax.training.checkpoint import StageCheckpoints
 from tests.models.test_unet import random_params
 from tests.sizes import SMALL_SHAPES
-from tests.training.tiny import ROOT, tiny_config
+from tests.training.tiny import ROOT, TINY_UNET, cheap_compilation, tiny_config
 
-# One level (no down/upsampling) compiles in half the time of tiny.py's two; the stage paths,
-# not the UNet, are under test here (test_loop trains the two-level one).
-TINY_UNET = dict(block_out_channels=(16,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
-                 up_block_types=("CrossAttnUpBlock2D",), num_attention_heads=2, cross_attention_dim=16,
-                 norm_num_groups=8, dropout=0.0)
+
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_compilation():
+    """The training loop's programs compile cheaply here (see tests/training/tiny.py)."""
+    with cheap_compilation():
+        yield
 
 
 def small(config):
@@ -39,7 +40,8 @@ def small(config):
 
 
 def tiny(data_dir, ae_steps=2, ldm_steps=2):
-    """tiny.py's config, `small`, with the one-level UNet."""
+    """tiny.py's config, `small`, with the one-level UNet: the stage paths, not the UNet, are
+    under test here (test_loop trains the two-level one)."""
     c = small(tiny_config(data_dir, ae_steps=ae_steps, ldm_steps=ldm_steps))
     c.unet = dict(TINY_UNET)
     return c

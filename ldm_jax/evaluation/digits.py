@@ -130,27 +130,13 @@ def real_digits(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple)
-
-
 def _param_shapes() -> dict:
     return jax.tree.map(lambda a: a.shape, jax.eval_shape(
         lambda: DigitCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]))
 
 
 def _init_params() -> dict:
-    """He-normal kernels (variance 2 / fan-in, for the ReLUs), zero biases, from a numpy
-    generator: the same numbers everywhere, and no compiled initialiser (seconds on a CPU)."""
-    rng = np.random.default_rng(TRAIN_SEED)
-
-    def init(path, shape):
-        if path[-1].key == "bias":
-            return np.zeros(shape, np.float32)
-        fan_in = int(np.prod(shape[:-1]))
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(init, _param_shapes(), is_leaf=_is_shape)
+    return network_cache.he_normal_params(_param_shapes(), TRAIN_SEED)
 
 
 def _batch_order() -> np.ndarray:

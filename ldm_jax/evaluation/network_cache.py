@@ -1,13 +1,34 @@
-"""The cache of the small evaluation networks trained once on real data (the digit classifier,
-the shapes feature CNN): `<cache>/<name>/<file>.npz`, `<cache>` being `$LDM_JAX_CACHE` or
-`~/.cache/ldm_jax`. Parameters and a few scalars in a plain npz (no pickles), written atomically."""
+"""The small evaluation networks trained once on real data (the digit classifier, the shapes
+feature CNN): their deterministic initialisation and their cache, `<cache>/<name>/<file>.npz`,
+`<cache>` being `$LDM_JAX_CACHE` or `~/.cache/ldm_jax`: parameters and a few scalars in a plain
+npz (no pickles), written atomically."""
 from __future__ import annotations
 
 import os
 import tempfile
 
 import flax
+import jax
 import numpy as np
+
+
+def is_shape(x) -> bool:
+    """Leaves of a tree of parameter shapes."""
+    return isinstance(x, tuple)
+
+
+def he_normal_params(shapes: dict, seed: int) -> dict:
+    """Parameters for a tree of shapes: He-normal kernels (variance 2 / fan-in, for ReLUs), zero
+    biases, from a numpy generator: the same numbers everywhere, and no compiled initialiser."""
+    rng = np.random.default_rng(seed)
+
+    def init(path, shape):
+        if path[-1].key == "bias":
+            return np.zeros(shape, np.float32)
+        fan_in = int(np.prod(shape[:-1]))
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(init, shapes, is_leaf=is_shape)
 
 
 def default_cache_dir() -> str:

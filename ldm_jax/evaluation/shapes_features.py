@@ -164,10 +164,6 @@ def real_shapes(image_size: int, count: int, split: int) -> tuple[np.ndarray, di
     return images, labels
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple)
-
-
 @functools.cache
 def _param_shapes() -> dict:
     return jax.tree.map(lambda a: a.shape, jax.eval_shape(
@@ -175,30 +171,20 @@ def _param_shapes() -> dict:
 
 
 def _init_params() -> dict:
-    """He-normal kernels (variance 2 / fan-in, for the ReLUs), zero biases, from a numpy
-    generator: the same numbers everywhere, and no compiled initialiser."""
-    rng = np.random.default_rng(TRAIN_SEED)
-
-    def init(path, shape):
-        if path[-1].key == "bias":
-            return np.zeros(shape, np.float32)
-        fan_in = int(np.prod(shape[:-1]))
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(init, _param_shapes(), is_leaf=_is_shape)
+    return network_cache.he_normal_params(_param_shapes(), TRAIN_SEED)
 
 
 @functools.cache
 def _unravel() -> Callable:
     """Flat parameter vector [P] -> the ShapesCNN parameter tree (AdamW runs on the one vector:
     a fraction of the compile time of per-array updates)."""
-    zeros = jax.tree.map(lambda s: np.zeros(s, np.float32), _param_shapes(), is_leaf=_is_shape)
+    zeros = jax.tree.map(lambda s: np.zeros(s, np.float32), _param_shapes(), is_leaf=network_cache.is_shape)
     return ravel_pytree(zeros)[1]
 
 
 def _unflatten(flat: np.ndarray) -> dict:
     """`_unravel` in numpy, for the trained vector (eager jax ops would compile one by one)."""
-    shapes, treedef = jax.tree.flatten(_param_shapes(), is_leaf=_is_shape)
+    shapes, treedef = jax.tree.flatten(_param_shapes(), is_leaf=network_cache.is_shape)
     chunks = np.split(flat, np.cumsum([math.prod(s) for s in shapes])[:-1])
     return treedef.unflatten([c.reshape(s) for c, s in zip(chunks, shapes, strict=True)])
 

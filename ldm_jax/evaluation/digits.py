@@ -220,7 +220,7 @@ def load_classifier(image_size: int, cache_dir: str | None = None) -> DigitClass
                           "retraining it", stacklevel=2)
     classifier = train_classifier()
     _save(classifier, path)
-    return dataclasses.replace(classifier, cache_path=path)
+    return dataclasses.replace(classifier, cache_path=path, from_cache=False)
 
 
 def parse_caption(caption: str) -> int:

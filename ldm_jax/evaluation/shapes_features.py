@@ -274,7 +274,7 @@ def load_classifier(image_size: int, cache_dir: str | None = None) -> ShapesClas
                           "retraining it", stacklevel=2)
     classifier = train_classifier(image_size)
     _save(classifier, path)
-    return dataclasses.replace(classifier, cache_path=path)
+    return dataclasses.replace(classifier, cache_path=path, from_cache=False)
 
 
 def _classifier_for(images, classifier: ShapesClassifier | None) -> ShapesClassifier:

@@ -69,11 +69,7 @@ class DigitCNN(nn.Module):
 def to_grey8(images) -> np.ndarray:
     """Images [N, S, S, 3] uint8 (S a multiple of 8) -> [N, 8, 8, 1] float32 in [0, 1]: the mean
     of each S/8 x S/8 block and of the channels (exactly the 8x8 digit for a real image)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"digit images must be [N, S, S, 3], got shape {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"digit images must be uint8 (0..255), got dtype {images.dtype}")
+    images = network_cache.check_images(images, "digit")
     n, s = images.shape[:2]
     if s == 0 or s % 8:
         raise ValueError(f"digit image size must be a positive multiple of 8, got {s}")

@@ -12,6 +12,16 @@ import jax
 import numpy as np
 
 
+def check_images(images, what: str) -> np.ndarray:
+    """`images` as a uint8 numpy array [N, S, S, 3]; ValueError naming `what` otherwise."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{what} images must be [N, S, S, 3], got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{what} images must be uint8 (0..255), got dtype {images.dtype}")
+    return images
+
+
 def is_shape(x) -> bool:
     """Leaves of a tree of parameter shapes."""
     return isinstance(x, tuple)

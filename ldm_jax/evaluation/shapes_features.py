@@ -91,11 +91,7 @@ def to_input(images) -> np.ndarray:
     """Images [N, S, S, 3] uint8 -> [N, 32, 32, 3] float32 in [0, 1]: the mean of each S/32 x S/32
     block for S a multiple of 32, nearest upscaling for S = 8 or 16 (pixel-space runs at low
     resolution; the network is then trained on upscaled images of that size)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"shapes images must be [N, S, S, 3], got shape {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"shapes images must be uint8 (0..255), got dtype {images.dtype}")
+    images = network_cache.check_images(images, "shapes")
     n, s = images.shape[:2]
     if check_image_size(s) < INPUT_SIZE:
         up = INPUT_SIZE // s

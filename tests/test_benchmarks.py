@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")  # the side-by-side scripts need the parity
 pytest.importorskip("diffusers")
 
 import benchmarks.compile as compile_benchmark  # noqa: E402
-from benchmarks import common, gpu, sampling, train_step  # noqa: E402
+from benchmarks import common, gpu, memory, sampling, train_step  # noqa: E402
 
 CHEAP_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
              "--xla_cpu_use_fusion_emitters=false")
@@ -87,6 +87,20 @@ def test_compile_smoke(tmp_path, cheap_xla):
     assert cold["cache_files"] >= 1
 
 
+def test_memory_smoke(tmp_path):
+    memory.main(["--sizes", "micro", "--out", str(tmp_path)])
+    data = read(tmp_path / "memory.json")
+    (row,) = data["rows"]
+    assert (row["size"], row["batch"], row["latents"]) == ("micro", 2, [8, 8, 4])
+    # The state is parameters + EMA + two AdamW moments in float32 (plus a few counters), and the
+    # new state reuses the donated buffers.
+    assert 16 * row["unet_params"] <= row["state_bytes"] < 16 * row["unet_params"] + 16384
+    assert row["alias_bytes"] >= 16 * row["unet_params"]
+    assert row["temp_bytes"] > 4 * row["unet_params"]  # at least the gradients
+    assert row["peak_bytes"] == row["state_bytes"] + row["temp_bytes"]
+    assert row["floor_bytes"] == 20 * row["unet_params"]
+
+
 def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, gpu.__file__, "--out", str(tmp_path)], capture_output=True, text=True,
@@ -103,6 +117,7 @@ def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     (sampling, ["--num_steps", "20,x"], "--num_steps: 'x' is not an integer"),
     (compile_benchmark, ["--sizes", ""], "--sizes: empty list"),
     (gpu, ["--batch_sizes", "4,0"], "--batch_sizes: 0 must be a positive integer"),
+    (memory, ["--sizes", "tiny,xl"], "--sizes: unknown value 'xl'; allowed: micro, tiny, small, sd15"),
 ])
 def test_bad_flags_name_the_flag(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -36,6 +36,8 @@ def define_flags() -> None:
     flags.DEFINE_string("sampler", None, "sampler for the sampling metrics (default: the run's)")
     flags.DEFINE_integer("steps", None, "sampler steps (default: the run's)")
     flags.DEFINE_float("guidance", None, "classifier-free guidance scale (default: the run's)")
+    flags.DEFINE_enum("spacing", None, ["leading", "trailing", "linspace"],
+                      "which timesteps the sampler visits (default: the run's sampler.spacing)")
     flags.DEFINE_integer("num_samples", 256, "samples per split for the sampling metrics")
     flags.DEFINE_list("splits", None, "dataset splits (default: the run's eval.splits)")
     flags.DEFINE_integer("batch_size", 64, "images per compiled sampling batch")
@@ -54,7 +56,7 @@ def options_from_flags():
     from ldm_jax.evaluation.runner import EvalOptions
 
     return EvalOptions(step=FLAGS.step, ema=FLAGS.ema, sampler=FLAGS.sampler, num_steps=FLAGS.steps,
-                       guidance=FLAGS.guidance, num_samples=FLAGS.num_samples,
+                       guidance=FLAGS.guidance, spacing=FLAGS.spacing, num_samples=FLAGS.num_samples,
                        splits=tuple(FLAGS.splits) if FLAGS.splits else None, batch_size=FLAGS.batch_size,
                        seed=FLAGS.seed, bpd_examples=FLAGS.bpd_examples, bpd_batch_size=FLAGS.bpd_batch_size,
                        inception_weights=FLAGS.inception_weights, clip_model=FLAGS.clip_model,

@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 from jax.tree_util import Partial
 
-from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion import gaussian, samplers, schedules
 from ldm_jax.models.text_encoder import make_tokenizer, tokenize
 from ldm_jax.training import sharding
 from ldm_jax.training.xla_options import compiler_options
@@ -216,6 +216,14 @@ class LatentDiffusionPipeline:
         other.defaults = self.defaults._replace(
             sampler=SCHEDULER_SAMPLERS.get(scheduler_config.get("_class_name"), self.defaults.sampler))
         other._set_schedule(hf.schedule_from_scheduler_config(dict(scheduler_config)))
+        return other
+
+    def with_spacing(self, spacing: str) -> "LatentDiffusionPipeline":
+        """The same weights and schedule, visiting the sampler's timesteps with another spacing
+        ("leading", "trailing" or "linspace": `samplers.timesteps`; Lin et al. 2024, Table 2)."""
+        gaussian.check_choice("spacing", spacing, samplers.SPACINGS)
+        other = copy.copy(self)
+        other._set_schedule({**self.schedule, "spacing": spacing})
         return other
 
     # ----------------------------------------------------------------------------- sizes

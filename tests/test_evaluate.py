@@ -46,7 +46,7 @@ def test_writes_a_json_per_metric_a_summary_and_scalars(workdir, evaluated):
         assert record["metric"] == name and record["step"] == 2 and record["ema"] is True
         assert record["wall_s"] > 0 and record == json.loads(json.dumps(evaluated[name]))
     assert read_json(os.path.join(folder, "prompt_accuracy.json"))["sampler"] == dict(
-        sampler="dpm_solver++", num_steps=2, guidance=2.0)  # the run's sampler and guidance, our step count
+        sampler="dpm_solver++", num_steps=2, guidance=2.0, spacing="trailing")  # the run's, but our step count
     with open(os.path.join(folder, "summary.md")) as f:
         summary = f.read()
     assert "| bpd/total |" in summary and "| prompt_accuracy/heldout/ok |" in summary
@@ -118,6 +118,11 @@ def test_generated_images_are_the_pipelines(workdir):
     direct = pipe.text_to_image(captions[:4], num_steps=2, seed=0)
     np.testing.assert_array_equal(images[:4], direct)
     assert images.shape == (5, 32, 32, 3)
+    # --spacing: the same weights visiting other timesteps (the experiments' evaluate.spacing).
+    leading = runner.Run(workdir, EvalOptions(**OPTIONS, spacing="leading"))
+    assert leading.sampler_settings()["spacing"] == "leading" and leading.pipe.schedule["spacing"] == "leading"
+    np.testing.assert_array_equal(leading.generate(captions[:4]),
+                                  pipe.with_spacing("leading").text_to_image(captions[:4], num_steps=2, seed=0))
 
 
 def test_steps_sweep_writes_a_table_and_a_plot(workdir, monkeypatch):
@@ -359,4 +364,5 @@ def test_shapes_fid_and_diversity_of_the_runs_own_samples(workdir, feature_cache
     fid, div = results["shapes_fid"]["result"]["heldout"], results["diversity"]["result"]["heldout"]
     assert np.isfinite(fid["shapes_fid"]) and fid["shapes_fid"] > 0 and fid["num_samples"] == 4
     assert div["num_captions"] == 2 and div["diversity"] > 0 and div["real_diversity"] > 0
-    assert results["diversity"]["sampler"] == dict(sampler="dpm_solver++", num_steps=2, guidance=2.0)
+    assert results["diversity"]["sampler"] == dict(sampler="dpm_solver++", num_steps=2, guidance=2.0,
+                                                   spacing="trailing")

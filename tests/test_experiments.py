@@ -185,6 +185,17 @@ def test_report_of_a_partial_categorical_sweep(tmp_path):
     assert "2 of 3 points complete" in text and "| `simple` | 1 | 0.25 |" in text and "(not written yet)" in text
 
 
+
+def test_report_marks_keys_a_point_leaves_at_the_base_value(tmp_path):
+    points = ex.cross(ex.zip_({"diffusion.schedule": ["linear", "cosine"]}), [{}, {"evaluate.spacing": "leading"}])
+    root = fake_root(tmp_path, points, [0.1, 0.2, 0.3, 0.4])
+    paths = report_lib.report(str(root))
+    text = open(paths["md"]).read()
+    assert "| `cosine` | (base) | 1 | 0.3 |" in text and "| `cosine` | `leading` | 1 | 0.4 |" in text
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["evaluate.spacing"] for r in rows] == ["(base)", "'leading'", "(base)", "'leading'"]
+
 # ---------------------------------------------------------------------------------------------
 # A real micro sweep: two seeds of a tiny pixel-space model, a few steps each, through the CLIs
 

@@ -384,3 +384,14 @@ def test_class_conditional_run(tmp_path):
         pipe.text_to_image([3])
     with pytest.raises(ValueError, match="class labels .* instead of prompts"):
         pipe.text_to_image(["a red circle"])
+
+
+def test_with_spacing_samples_other_timesteps(pipe):
+    leading = pipe.with_spacing("leading")
+    assert pipe.schedule["spacing"] == "trailing" and leading.schedule["spacing"] == "leading"
+    assert leading.params is pipe.params and leading.noise_schedule.name == pipe.noise_schedule.name
+    first, other = pipe.text_to_image(PROMPTS, seed=0), leading.text_to_image(PROMPTS, seed=0)
+    assert np.abs(other.astype(int) - first).mean() > 0.1  # another set of timesteps, another image
+    np.testing.assert_array_equal(pipe.text_to_image(PROMPTS, seed=0), first)  # the original is untouched
+    with pytest.raises(ValueError, match="spacing.*'uniform'"):
+        pipe.with_spacing("uniform")

@@ -45,7 +45,8 @@ class MetricUnavailable(ValueError):
 class EvalOptions:
     """Settings shared by the metrics (`python -m ldm_jax.evaluate`'s flags).
 
-    sampler / num_steps / guidance: the sampling metrics' sampler (default: the run's config).
+    sampler / num_steps / guidance / spacing: the sampling metrics' sampler (default: the run's
+    config; spacing: which timesteps it visits, see `samplers.timesteps`).
     num_samples: generated images per split for the sampling metrics (and real images for fid).
     splits: the dataset splits to evaluate on (default: the config's `eval.splits`).
     bpd_examples: held-out examples for bpd (each costs T model calls).
@@ -57,6 +58,7 @@ class EvalOptions:
     sampler: str | None = None
     num_steps: int | None = None
     guidance: float | None = None
+    spacing: str | None = None
     num_samples: int = 256
     splits: tuple | None = None
     batch_size: int = 64
@@ -102,14 +104,16 @@ class Run:
         if self._pipe is None:
             from ldm_jax.pipeline import LatentDiffusionPipeline
 
-            self._pipe = LatentDiffusionPipeline.from_workdir(self.workdir, step=self.step, ema=self.options.ema,
-                                                              progress=self.options.progress)
+            pipe = LatentDiffusionPipeline.from_workdir(self.workdir, step=self.step, ema=self.options.ema,
+                                                        progress=self.options.progress)
+            self._pipe = pipe.with_spacing(self.options.spacing) if self.options.spacing else pipe
         return self._pipe
 
     def sampler_settings(self) -> dict:
         s, o = self.config.sampler, self.options
         return dict(sampler=o.sampler or s.name, num_steps=int(o.num_steps or s.num_steps),
-                    guidance=float(s.guidance_scale if o.guidance is None else o.guidance))
+                    guidance=float(s.guidance_scale if o.guidance is None else o.guidance),
+                    spacing=o.spacing or s.spacing)
 
     # ------------------------------------------------------------------------- data
 

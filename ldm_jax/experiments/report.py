@@ -6,7 +6,8 @@ reads <root>/experiment.json and every point's result file, groups the points th
 in their `seed`, and writes:
 
 * `<name>.csv`: a row per group: `point` (its name without the seed), its override values (as
-  Python literals), `seeds` (how many), then every number of every metric as a column
+  Python literals; `(base)` where a point leaves the key at the base config's value), `seeds`
+  (how many), then every number of every metric as a column
   `metric/key/...` (the mean over seeds), each followed by `<column>_std` (the sample standard
   deviation; empty for one seed).
 * `<name>.md`: the question (the experiment file's docstring), the base config, the table of the
@@ -23,6 +24,8 @@ import math
 import os
 
 from ldm_jax.experiments import SEED_KEY, format_value, load_experiment, name_of, point_name
+
+BASE_VALUE = "(base)"  # a varying key that a point does not set: the base config's (or the CLI's) value
 
 # Headline numbers of each metric (the table's default columns): paths into its result, "*"
 # standing for each split.
@@ -147,7 +150,8 @@ def write_csv(rows: list[dict], keys: list[str], path: str) -> str:
             for col in columns:
                 mean, std = row["columns"].get(col, (None, None))
                 values += ["" if mean is None else f"{mean:.6g}", "" if std is None else f"{std:.6g}"]
-            writer.writerow([row["point"], *[repr(row["overrides"].get(k)) for k in keys], row["seeds"], *values])
+            writer.writerow([row["point"], *[repr(row["overrides"][k]) if k in row["overrides"] else BASE_VALUE
+                                             for k in keys], row["seeds"], *values])
     return path
 
 
@@ -170,7 +174,7 @@ def markdown(meta: dict, rows: list[dict], keys: list[str], columns: list[str], 
                         if meta.get("sets") else "") + ".")
     lines += ["", "| " + " | ".join([*keys, "seeds", *columns]) + " |", "|" + "---|" * (len(keys) + 1 + len(columns))]
     for row in rows:
-        cells = [f"`{format_value(row['overrides'].get(k))}`" for k in keys]
+        cells = [f"`{format_value(row['overrides'][k])}`" if k in row["overrides"] else BASE_VALUE for k in keys]
         cells += [str(row["seeds"]), *[_cell(row["columns"].get(c, (None, None))) for c in columns]]
         lines.append("| " + " | ".join(cells) + " |")
     if plot:

@@ -39,8 +39,8 @@ from ldm_jax.experiments import (Experiment, EVALUATE_PREFIX, eval_overrides, fo
 AUTOENCODER_RUN = "_autoencoder"
 # python -m ldm_jax.evaluate's flags a sweep may set (tests/test_experiments.py checks the list
 # against ldm_jax/evaluate.py).
-EVALUATE_FLAGS = ("step", "ema", "sampler", "steps", "guidance", "num_samples", "splits", "batch_size", "seed",
-                  "bpd_examples", "bpd_batch_size", "inception_weights", "clip_model", "diversity_samples")
+EVALUATE_FLAGS = ("step", "ema", "sampler", "steps", "guidance", "spacing", "num_samples", "splits", "batch_size",
+                  "seed", "bpd_examples", "bpd_batch_size", "inception_weights", "clip_model", "diversity_samples")
 
 
 @dataclasses.dataclass

@@ -209,6 +209,23 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
+def add_step_flags(parser, sizes: str = "tiny,small,sd15") -> None:
+    """The flags of the scripts that build a training step per size (compile.py, memory.py)."""
+    parser.add_argument("--sizes", default=sizes, help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every size (default: the size's own)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="train.dtype (activations)")
+    parser.add_argument("--remat", action="store_true", help="train.remat: rematerialised UNet blocks")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+
+
+def sizes_and_batch(args) -> list[str]:
+    """`args.sizes` as a checked list, after checking `args.batch`; ValueError naming the flag."""
+    sizes = parse_list(args.sizes, "--sizes", SIZES)
+    if args.batch is not None:
+        check_positive("--batch", args.batch)
+    return sizes
+
+
 def check_positive(name: str, value: int, minimum: int = 1) -> int:
     if not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")

@@ -141,12 +141,7 @@ def table(rows) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="tiny,small,sd15", help=f"comma-separated, of {', '.join(common.SIZES)}")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="training batch for every size (default: the size's own)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="train.dtype (activations)")
-    parser.add_argument("--remat", action="store_true", help="train.remat: rematerialised UNet blocks")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    common.add_step_flags(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one process's compiles
     args = parser.parse_args(argv)
     if args.worker:
@@ -154,9 +149,7 @@ def main(argv=None) -> dict:
         common.emit(dict(worker(spec), size=spec["size"], mode=spec["mode"]))
         return {}
     try:
-        sizes = common.parse_list(args.sizes, "--sizes", common.SIZES)
-        if args.batch is not None:
-            common.check_positive("--batch", args.batch)
+        sizes = common.sizes_and_batch(args)
     except ValueError as e:
         parser.error(str(e))
     rows = measure(sizes, args.batch, args.dtype, args.remat)

@@ -93,16 +93,10 @@ def table(rows, ram: int | None) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="tiny,small,sd15", help=f"comma-separated, of {', '.join(common.SIZES)}")
-    parser.add_argument("--batch", type=int, default=None, help="batch size for every size (default: the size's own)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="train.dtype (activations)")
-    parser.add_argument("--remat", action="store_true", help="train.remat: rematerialised UNet blocks")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    common.add_step_flags(parser)
     args = parser.parse_args(argv)
     try:
-        sizes = common.parse_list(args.sizes, "--sizes", common.SIZES)
-        if args.batch is not None:
-            common.check_positive("--batch", args.batch)
+        sizes = common.sizes_and_batch(args)
     except ValueError as e:
         parser.error(str(e))
     rows = []

@@ -192,12 +192,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     try:
-        sizes = common.parse_list(args.sizes, "--sizes", common.SIZES)
+        sizes = common.sizes_and_batch(args)
         samplers = common.parse_list(args.samplers, "--samplers", SAMPLERS)
         num_steps = common.parse_list(args.num_steps, "--num_steps", kind=int)
         common.check_positive("--repeats", args.repeats)
-        if args.batch is not None:
-            common.check_positive("--batch", args.batch)
         if not args.guidance > 1.0:
             raise ValueError(f"--guidance {args.guidance} must be > 1 (guidance is what is measured)")
     except ValueError as e:

@@ -221,12 +221,10 @@ def main(argv=None) -> dict:
         common.emit(dict(WORKERS[spec["side"]](spec), side=spec["side"], size=spec["size"]))
         return {}
     try:
-        sizes = common.parse_list(args.sizes, "--sizes", common.SIZES)
+        sizes = common.sizes_and_batch(args)
         sides = common.parse_list(args.sides, "--sides", SIDES)
         common.check_positive("--steps", args.steps)
         common.check_positive("--warmup", args.warmup, minimum=0)
-        if args.batch is not None:
-            common.check_positive("--batch", args.batch)
     except ValueError as e:
         parser.error(str(e))
     rows = measure(sizes, sides, args.steps, args.warmup, args.batch)

@@ -23,6 +23,7 @@ import os
 import pathlib
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine_info() -> dict:
-    """CPU, OS, package versions and the date, for a results file (imports neither jax nor torch)."""
+    """CPU, memory, OS, package versions and the date, for a results file (imports neither jax nor torch)."""
     versions = {}
     for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "diffusers", "transformers"):
         try:
@@ -137,16 +146,40 @@ def machine_info() -> dict:
             versions[package] = None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                cpu_count=os.cpu_count(), usable_cpus=usable, processor=_cpu_name(),
+                cpu_count=os.cpu_count(), usable_cpus=usable, processor=_cpu_name(), memory_bytes=memory_bytes(),
                 platform=platform.platform(), python=platform.python_version(), versions=versions)
 
 
-def write_results(name: str, rows: list[dict], settings: dict, out_dir=None, extra: dict | None = None) -> pathlib.Path:
-    """Write `<out_dir>/<name>.json` ({"benchmark", "machine", "settings", "rows", ...}); returns its path."""
+def git_state() -> dict:
+    """The repository's commit and whether tracked files differ from it (both None outside a git checkout)."""
+    def git(*args):
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return dict(commit=commit, dirty=None if status is None else bool(status))
+
+
+def command_line(script, argv: Sequence[str] | None) -> str:
+    """The shell command that runs `script` (a file under benchmarks/) with `argv` (None: this
+    process's own arguments), as a results file records it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", f"benchmarks/{pathlib.Path(script).name}", *args])
+
+
+def write_results(name: str, rows: list[dict], settings: dict, out_dir=None, extra: dict | None = None, *,
+                  command: str | None = None) -> pathlib.Path:
+    """Write `<out_dir>/<name>.json` ({"benchmark", "command", "git", "machine", "settings", "rows", ...});
+    returns its path. `command` is the command line that produced it (`command_line`)."""
     out = pathlib.Path(out_dir) if out_dir else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine_info(), "settings": settings, **(extra or {}), "rows": rows}
+    payload = {"benchmark": name, "command": command, "git": git_state(), "machine": machine_info(),
+               "settings": settings, **(extra or {}), "rows": rows}
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return path
 

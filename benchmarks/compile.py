@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
         parser.error(str(e))
     rows = measure(sizes, args.batch, args.dtype, args.remat)
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat)
-    path = common.write_results("compile", rows, settings, args.out)
+    path = common.write_results("compile", rows, settings, args.out,
+                                command=common.command_line(__file__, argv))
     print(f"\nCompile times, {args.dtype}{', remat' if args.remat else ''}, persistent cache cold / warm; "
           f"{common.machine_line(common.machine_info())}\n")
     print(table(rows))

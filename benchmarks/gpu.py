@@ -321,7 +321,8 @@ def main(argv=None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
     settings.update(size=size, dtype="bfloat16")
     rows = [dict(r, kind="train") for r in train_rows] + [dict(r, kind="sample") for r in sample_rows]
-    path = common.write_results("gpu", rows, settings, args.out, extra={"device": probe})
+    path = common.write_results("gpu", rows, settings, args.out, extra={"device": probe},
+                                command=common.command_line(__file__, argv))
     print(f"\n{probe['device']} ({probe['backend']}), measured bf16 matmul peak "
           f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s; {common.machine_line(common.machine_info())}\n")
     print(tables(train_rows, sample_rows))

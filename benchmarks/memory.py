@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
         rows.append(analyse(size, args.batch, args.dtype, args.remat))
     ram = host_ram_bytes()
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat)
-    path = common.write_results("memory", rows, settings, args.out, extra={"host_ram_bytes": ram})
+    path = common.write_results("memory", rows, settings, args.out, extra={"host_ram_bytes": ram},
+                                command=common.command_line(__file__, argv))
     print(f"\nOne training step's memory (XLA CPU buffer assignment, state donated); "
           f"{common.machine_line(common.machine_info())}\n")
     print(table(rows, ram))

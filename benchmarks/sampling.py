@@ -213,7 +213,8 @@ def main(argv=None) -> dict:
                         repeats=args.repeats, dtype="float32", torch_threads=torch.get_num_threads())
     finally:
         torch.set_num_threads(previous_threads)
-    path = common.write_results("sampling", rows, settings, args.out)
+    path = common.write_results("sampling", rows, settings, args.out,
+                                command=common.command_line(__file__, argv))
     print(f"\nText -> image, guidance {args.guidance}, float32, median of {args.repeats}; "
           f"{common.machine_line(common.machine_info())}\n")
     print(table(rows))

@@ -16,15 +16,17 @@ latents, UNet forward, eps-MSE, backward, clip the global gradient norm, AdamW, 
 
 The sizes are `common.size_config`: tiny = configs/base.py's UNet (1.8M parameters), batch 64,
 8x8x4 latents; small = widths (64, 128, 128) (7.0M), 16x16 latents, batch 16; sd15 =
-configs/sd15.py's UNet (859.5M) at 32x32 latents, batch 1, which needs about 20 GB of RAM per
-side (parameters, gradients, two AdamW moments and the EMA in float32: 5 x 3.4 GB).
+configs/sd15.py's UNet (859.5M) at 32x32 latents, batch 1, which needs more than 17 GB of RAM
+per side (parameters, gradients, two AdamW moments and the EMA in float32: 5 x 3.4 GB; memory.py
+puts ldm_jax's whole step at 20.4 GiB).
 
 Each side of each size runs in its own process, so the peak RSS (`ru_maxrss` at the end) is its
 own (the diffusers process imports neither jax nor ldm_jax). torch gets `torch.set_num_threads` =
 the CPUs this process may run on (os.cpu_count() on an unrestricted machine), XLA its default
 (the same CPUs). Warm-up steps are excluded; the table shows the median step time of `--steps`
 steps, its ratio ldm_jax / diffusers (< 1: ldm_jax faster) and XLA's compile time (not included in
-the step time).
+the step time). The results file also keeps every timed step (`step_s_all`), the spread a
+comparison of two medians must be judged against.
 
 Prints a markdown table and writes benchmarks/results/train_step.json (or `--out DIR`).
 """
@@ -83,9 +85,9 @@ def jax_worker(spec: dict) -> dict:
         state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return dict(step_s=common.median(times[spec["warmup"]:]), compile_s=compile_s, batch=b, unet_params=n_params,
-                loss=float(metrics["loss"]), finite=bool(metrics["finite"]), compiled_flops=common.cost_flops(step),
-                backend=jax.default_backend())
+    return dict(step_s=common.median(times[spec["warmup"]:]), step_s_all=times[spec["warmup"]:], compile_s=compile_s,
+                batch=b, unet_params=n_params, loss=float(metrics["loss"]), finite=bool(metrics["finite"]),
+                compiled_flops=common.cost_flops(step), backend=jax.default_backend())
 
 
 def torch_worker(spec: dict) -> dict:
@@ -130,7 +132,8 @@ def torch_worker(spec: dict) -> dict:
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
-    return dict(step_s=common.median(times[spec["warmup"]:]), batch=b, unet_params=sum(p.numel() for p in params),
+    return dict(step_s=common.median(times[spec["warmup"]:]), step_s_all=times[spec["warmup"]:], batch=b,
+                unet_params=sum(p.numel() for p in params),
                 loss=loss, threads=torch.get_num_threads())
 
 
@@ -230,7 +233,8 @@ def main(argv=None) -> dict:
     rows = measure(sizes, sides, args.steps, args.warmup, args.batch)
     settings = dict(sizes=sizes, sides=sides, steps=args.steps, warmup=args.warmup, batch=args.batch,
                     dtype="float32", threads=_threads())
-    path = common.write_results("train_step", rows, settings, args.out)
+    path = common.write_results("train_step", rows, settings, args.out,
+                                command=common.command_line(__file__, argv))
     info = json.loads(path.read_text())["machine"]
     print(f"\nOne training step (UNet forward + eps-MSE + backward + clip + AdamW + EMA), float32, "
           f"median of {args.steps}; {common.machine_line(info)}\n")

@@ -8,7 +8,9 @@ latents; the warm compile run must find the cold run's programs in the persisten
 must exit 0 without writing on a machine with no GPU; bad flags fail naming the flag.
 
 The scripts' worker processes compile with XLA's cheapest settings (see `cheap_xla`); compilation,
-not the measurement, is what these tests spend their time on.
+not the measurement, is what these tests spend their time on. base_run.py is the exception: its
+training command takes minutes even at 2 steps, so only its reading of a finished run is tested,
+on the files and log lines such a run leaves.
 """
 import json
 import os
@@ -21,7 +23,7 @@ torch = pytest.importorskip("torch")  # the side-by-side scripts need the parity
 pytest.importorskip("diffusers")
 
 import benchmarks.compile as compile_benchmark  # noqa: E402
-from benchmarks import common, gpu, memory, sampling, train_step  # noqa: E402
+from benchmarks import base_run, common, gpu, memory, sampling, train_step  # noqa: E402
 
 CHEAP_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
              "--xla_cpu_use_fusion_emitters=false")
@@ -35,9 +37,14 @@ def cheap_xla(monkeypatch):
 
 
 def read(path):
+    """A results file, after checking it says where it came from: the machine, the versions and the
+    command that wrote it (every smoke test passes --out, so the command must show it)."""
     data = json.loads(path.read_text())
     machine = data["machine"]
     assert machine["cpu_count"] >= 1 and machine["versions"]["jax"] and machine["date"]
+    assert machine["memory_bytes"] > 0 and set(data["git"]) == {"commit", "dirty"}
+    assert data["command"].startswith(f"python benchmarks/{data['benchmark']}.py ")
+    assert f"--out {path.parent}" in data["command"]
     return data
 
 
@@ -118,6 +125,7 @@ def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     (compile_benchmark, ["--sizes", ""], "--sizes: empty list"),
     (gpu, ["--batch_sizes", "4,0"], "--batch_sizes: 0 must be a positive integer"),
     (memory, ["--sizes", "tiny,xl"], "--sizes: unknown value 'xl'; allowed: micro, tiny, small, sd15"),
+    (base_run, ["--config.train.steps", "2"], "overrides must be written --config.key=value"),
 ])
 def test_bad_flags_name_the_flag(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -129,3 +137,45 @@ def test_bad_flags_name_the_flag(script, argv, message, capsys):
 def test_size_config_rejects_unknown_sizes():
     with pytest.raises(ValueError, match="unknown benchmark size 'xl'; allowed: micro, tiny, small, sd15"):
         common.size_config("xl")
+
+
+def test_base_run_reads_a_finished_run(tmp_path):
+    """base_run.py's reading of a finished run (the training itself takes minutes even at 2 steps,
+    so it is faked here: the files and log lines ldm_jax.train writes, with known times)."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"steps": 40}, "eval": {"num_samples": 256}}))
+    (tmp_path / "eval" / "prompt_accuracy_40.json").write_text(json.dumps(
+        {"test": {"colour_ok": 1.0, "shape_ok": 0.9, "position_ok": 0.95, "ok": 0.9}}))
+    metrics = [{"step": 20, "autoencoder/images_per_s": 5.0}, {"step": 40, "autoencoder/images_per_s": 200.0},
+               {"step": 60, "autoencoder/images_per_s": 220.0}, {"step": 60, "autoencoder/recon_ok": 0.98},
+               {"step": 40, "ldm/images_per_s": 265.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    lines = [(1.0, "I1122 dataset_builder.py:711] Generating dataset shapes (/x)"),
+             (13.0, "Dataset shapes downloaded and prepared to /x. Subsequent calls will reuse this data."),
+             (230.0, "I1122 loop.py:173] autoencoder: done at step 1400"),
+             (242.0, "I1122 loop.py:341] encoded the 20000 training images' latents in 11.0 s"),
+             (700.0, "I1122 loop.py:173] ldm: done at step 1600"),
+             (719.0, "I1122 loop.py:377] prompt accuracy: {'test': {'ok': 0.9}}"),
+             (720.0, "I1122 train.py:35] finished: {'workdir': '/w', 'status': 'done', 'step': 1600, "
+                     "'autoencoder_s': 229.0, 'ldm_s': 489.0}")]
+    result = base_run.collect(tmp_path, lines, wall_s=721.0)
+    assert result["stages"] == pytest.approx(dict(
+        autoencoder_s=229.0, ldm_s=489.0, dataset_build_s=12.0, latent_table_s=11.0, ldm_training_s=458.0,
+        samples_and_prompt_accuracy_s=19.0, startup_and_exit_s=3.0))
+    # The first logging window holds the compilation: left out of the median.
+    assert result["images_per_s"] == {"autoencoder": {"median": 210.0, "windows": 2},
+                                      "ldm": {"median": 265.0, "windows": 1}}
+    assert result["autoencoder_recon"] == {"ok": 0.98, "num_captions": 256}
+    test = result["prompt_accuracy"]["test"]
+    assert test["num_captions"] == 256
+    low, high = test["ok_interval95"]
+    assert low == pytest.approx(0.8571, abs=1e-4) and high == pytest.approx(0.9310, abs=1e-4)  # Wilson, 90% of 256
+    assert result["summary"]["status"] == "done"
+
+
+def test_base_run_refuses_a_used_workdir(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        base_run.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "out.json")])
+    assert exit_info.value.code == 2
+    assert "is not empty: a timed run starts from scratch" in capsys.readouterr().err

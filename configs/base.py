@@ -5,14 +5,13 @@
 Stage 1 trains a small KL autoencoder (32x32x3 -> 8x8x4 latents), stage 2 a small text-conditional
 UNet on its latents with a from-scratch CLIP-architecture text encoder, on a 2-core CPU.
 
-Expect (measured 2026-11-22 on the 2-core CPU, nothing else running, the README line on a fresh
-copy: new venv, empty pip cache, dataset built from scratch): 12:09 wall in all (pip 62 s, dataset
-12 s, autoencoder stage 219 s at ~200 img/s, latent table 11 s, diffusion stage 459 s at ~265
-img/s, prompt-accuracy evaluation 19 s); peak RSS 3.4 GB. Autoencoder reconstructions keep the
-captioned shape 98.4% of the time; EMA model prompt accuracy 90.6% on the shapes test split
-(colour 100, shape 91.8, position 98.4) and 82.8% on the held-out combinations (20-step
-DPM-Solver++, guidance 2). The margin over 90% is thin: with 1600 autoencoder and 1800 diffusion
-steps the same command reached 94.1% / 88.3% in 15:53.
+Expect: what this command takes and reaches on a given machine (wall time, each stage's time and
+images/s, peak RSS, the autoencoder's reconstruction check, and the EMA model's prompt accuracy on
+the shapes `test` and `heldout` splits with 95% intervals over their 256 captions, 20-step
+DPM-Solver++ at guidance 2) is recorded in benchmarks/results/base_run.json, together with the
+machine, the package versions and the commit. `python benchmarks/base_run.py` runs this command
+from a fresh workdir and writes that file (not committed yet: until it is, no measured time or
+accuracy is quoted here).
 """
 import ml_collections
 

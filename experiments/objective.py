@@ -13,7 +13,8 @@ L_vlb, learned variance: configs/pixel_ddpm.py's own objective), `simple` with f
 variance, `vlb` with learned variance and importance-sampled t. Metrics: bits/dim (all 1000
 terms, 64 test images) and `shapes_fid` of 100-step ancestral samples.
 
-Expected cost on a 2-core CPU: 3 x ~15 minutes (training ~12, evaluation ~3).
+Expected cost: three training runs of 2000 steps (batch 32, 16x16 images) and three evaluations;
+their time was not recorded.
     python -m ldm_jax.experiments run experiments/objective.py --root runs/objective
 """
 from ldm_jax.experiments import Sweep, zip_
@@ -36,26 +37,30 @@ def sweep():
 
 
 FINDINGS = """
-Run on this 2-core CPU, one seed per point: training 13 minutes for `vlb` (34 for `hybrid`, which
-ran beside other jobs), evaluation 2.7 minutes per point. Samples below: 100-step ancestral ddpm,
-the same 8 seeds per row, rows `simple`, `hybrid`, `vlb` (objective_samples.png).
+Run on a 2-core CPU, one seed per point (the times were not recorded). Every number quoted is in
+objective.csv (bits/dim with their 95% intervals over the 64 test images), which does not record
+the machine or the package versions. Samples below: 100-step ancestral ddpm, the same 8 seeds per
+row, rows `simple`, `hybrid`, `vlb` (objective_samples.png).
 
 ![samples](objective_samples.png)
 
-- Likelihood follows the papers: the bound-trained model reaches the best bits/dim (`vlb` 1.97),
-  `hybrid` is close (2.02) and `simple` with fixed variance is clearly worse (2.27); each 95%
-  interval is about +-0.06. Split into the bound's parts (vlb / hybrid / simple): decoder term
-  0.78 / 0.93 / 0.97 and diffusion terms 1.19 / 1.09 / 1.31 bits/dim; fixed variance costs in
-  the diffusion terms, the bound-only objective buys its lead in the decoder term.
-- Samples, judged by eye, also follow the papers: `simple` and `hybrid` draw the right shapes in
+- Likelihood: the bound-trained model and `hybrid` tie, `vlb` 1.97 +- 0.07 and `hybrid` 2.02 +-
+  0.06 bits/dim (the gap, 0.05, is inside the +-0.09 of their difference), and `simple` with
+  fixed variance is clearly worse (2.27 +- 0.06). That agrees with Improved DDPM (L_hybrid close
+  to L_vlb) but does not say which of the two is better. Split into the bound's parts (vlb /
+  hybrid / simple): decoder term 0.78 / 0.93 / 0.97 (+- 0.02) and diffusion terms 1.19 / 1.09 /
+  1.31 (+- 0.04-0.05) bits/dim: fixed variance costs in the diffusion terms, and `vlb` gains in
+  the decoder term what it loses to `hybrid` in the diffusion terms.
+- Samples, judged by eye, follow the papers: `simple` and `hybrid` draw the right shapes in
   clean pure colours (with the same seeds they give almost the same images: learning the variance
   barely moves an eps-model trained mostly by L_simple), while `vlb` samples are noisy, faint
   shapes: the bound alone is a noisy objective (importance sampling of t was on).
-- Disagreement, from the metric: `shapes_fid` ranks them the other way round (`vlb` 6952,
-  `hybrid` 7528, `simple` 7768). All three are three orders of magnitude above a trained latent
-  model's ~10: at 2000 steps of batch 32 (Improved DDPM trains 500k steps) every sample still has
-  a tinted, grainy background where the data's is black, and the small shapes CNN's features of
-  such images are far outside what it was trained on, so the distance no longer ranks sample
-  quality. The sweep's sample-quality claim therefore rests on the pictures, not on this number;
-  scaling the sweep up (`--set train.steps=...`) is what would make the metric usable.
+- Disagreement, from the metric: `shapes_fid` orders them the other way round (`vlb` 6952,
+  `hybrid` 7528, `simple` 7768; one seed, its spread not measured). All three are 700-780 times
+  a trained latent model's ~10 (sampler.csv): at 2000 steps of batch 32 (the papers train for
+  hundreds of thousands of steps) every sample still has a tinted, grainy background where the
+  data's is black, and the small shapes CNN's features of such images are far outside what it
+  was trained on, so the distance no longer ranks sample quality. The sweep's sample-quality
+  claim therefore rests on the pictures, not on this number; scaling the sweep up (`--set
+  train.steps=...`) is what would make the metric usable.
 """

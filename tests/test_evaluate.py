@@ -1,6 +1,9 @@
 """python -m ldm_jax.evaluate and its library (ldm_jax/evaluation/runner.py) on tiny random
 workdirs (written by tests/test_pipeline.py's make_workdir, no training): the files it writes, the
-plumbing of each metric (checked against a direct computation), quality-vs-steps, and bad input."""
+plumbing of each metric (checked against a direct computation), quality-vs-steps, and bad input.
+
+The module's workdirs are read-only: a test that evaluates (which writes eval/<step>/ and
+metrics.jsonl) evaluates its own copy (tests/shared_runs.py)."""
 import json
 import os
 import subprocess
@@ -14,6 +17,7 @@ from ldm_jax.diffusion import likelihood
 from ldm_jax.evaluation import runner
 from ldm_jax.evaluation import shapes as shapes_checker
 from ldm_jax.evaluation.runner import EvalOptions
+from tests.shared_runs import own_copy
 from tests.test_pipeline import make_workdir, workdir_config
 from tests.training.tiny import ROOT
 
@@ -35,11 +39,38 @@ OPTIONS = dict(num_samples=6, batch_size=4, bpd_examples=5, bpd_batch_size=4, nu
 
 
 @pytest.fixture(scope="module")
-def evaluated(workdir):
-    return runner.evaluate(workdir, ["bpd", "prompt_accuracy"], EvalOptions(**OPTIONS))
+def run(workdir):
+    """The run with OPTIONS, shared by the tests that only read it: its pipeline is loaded, and
+    its programs compiled, once."""
+    return runner.Run(workdir, EvalOptions(**OPTIONS))
 
 
-def test_writes_a_json_per_metric_a_summary_and_scalars(workdir, evaluated):
+def record_generate(monkeypatch) -> list:
+    """Run.generate as it is, recording (conditions, images) of each call in the returned list."""
+    calls, generate = [], runner.Run.generate
+
+    def recorded(self, conditions, **kw):
+        images = generate(self, conditions, **kw)
+        calls.append((list(conditions), images))
+        return images
+
+    monkeypatch.setattr(runner.Run, "generate", recorded)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir, tmp_path_factory):
+    """bpd and prompt_accuracy evaluated on a copy of the run: (that copy, the results, the
+    (captions, images) of each sampling call)."""
+    copy = own_copy(workdir, tmp_path_factory.mktemp("evaluated"))
+    with pytest.MonkeyPatch.context() as mp:
+        generated = record_generate(mp)
+        results = runner.evaluate(copy, ["bpd", "prompt_accuracy"], EvalOptions(**OPTIONS))
+    return copy, results, generated
+
+
+def test_writes_a_json_per_metric_a_summary_and_scalars(evaluated):
+    workdir, evaluated, _ = evaluated
     folder = os.path.join(workdir, "eval", "2")
     for name in ("bpd", "prompt_accuracy"):
         record = read_json(os.path.join(folder, f"{name}.json"))
@@ -58,16 +89,15 @@ def test_writes_a_json_per_metric_a_summary_and_scalars(workdir, evaluated):
         "eval/prompt_accuracy/test/colour_ok" in r for r in logged)
 
 
-def test_bpd_is_the_bound_of_the_held_out_latents(workdir, evaluated):
+def test_bpd_is_the_bound_of_the_held_out_latents(run, evaluated):
     """The runner's number equals likelihood.bits_per_dim called directly on the same examples'
     scaled posterior means, captions and noise, and its parts add up."""
-    r = evaluated["bpd"]["result"]
+    r = evaluated[1]["bpd"]["result"]
     assert r["unit"] == "bits/latent-dim" and r["decoder_type"] == "continuous" and r["num_examples"] == 5
     assert r["total"] == pytest.approx(r["prior"] + r["decoder"] + r["diffusion"], rel=1e-5)
     assert len(r["terms_mean"]) == 100
     assert sum(r["terms_mean"][1:]) == pytest.approx(r["diffusion"], rel=1e-4)
 
-    run = runner.Run(workdir, EvalOptions(**OPTIONS))
     data = run.examples("test", 5)
     pipe = run.pipe
     idx = np.arange(4)  # the first batch
@@ -81,19 +111,21 @@ def test_bpd_is_the_bound_of_the_held_out_latents(workdir, evaluated):
     assert r["total_ci95"] == pytest.approx(1.959964 * v.std(ddof=1) / np.sqrt(5), rel=1e-5)
 
 
-def test_prompt_accuracy_judges_a_sample_per_caption_of_each_split(workdir, evaluated):
-    r = evaluated["prompt_accuracy"]["result"]
-    assert set(r) == {"test", "heldout"}
-    for split in r:
-        assert r[split]["num_samples"] == 6
-        assert set(r[split]) >= {"ok", "colour_ok", "shape_ok", "position_ok"}
-        assert all(0.0 <= r[split][k] <= 1.0 for k in ("ok", "colour_ok", "shape_ok", "position_ok"))
+def test_prompt_accuracy_judges_a_sample_per_caption_of_each_split(run, evaluated):
+    """Each split's numbers are the checker's verdicts, averaged, on one sample for each of the
+    split's first 6 captions (in Run.examples' order)."""
+    _, results, generated = evaluated
+    r = results["prompt_accuracy"]["result"]
+    assert set(r) == {"test", "heldout"} and len(generated) == 2  # one sampling call per split
+    for split, (captions, images) in zip(("test", "heldout"), generated):
+        assert captions == run.examples(split, 6)["caption"] and images.shape == (6, 32, 32, 3)
+        verdicts = [shapes_checker.check(image, caption) for image, caption in zip(images, captions)]
+        assert r[split] == {**{k: np.mean([v[k] for v in verdicts]) for k in verdicts[0]}, "num_samples": 6}
 
 
-def test_prompt_accuracy_pairs_each_caption_with_its_own_image(workdir, monkeypatch):
+def test_prompt_accuracy_pairs_each_caption_with_its_own_image(run, monkeypatch):
     """With a "model" that returns the dataset's own image for each caption, the checker's score is
     the dataset's (all right); with one that returns the images of the wrong captions, it falls."""
-    run = runner.Run(workdir, EvalOptions(**OPTIONS))
     truth = {}
     for split in run.splits:
         data = run.examples(split, 6)
@@ -108,9 +140,8 @@ def test_prompt_accuracy_pairs_each_caption_with_its_own_image(workdir, monkeypa
     assert all(v["ok"] < 0.5 for v in runner.compute_prompt_accuracy(run).values())
 
 
-def test_generated_images_are_the_pipelines(workdir):
+def test_generated_images_are_the_pipelines(workdir, run):
     """Run.generate pads to the compiled batch and seeds image i with seed + i, as the pipeline."""
-    run = runner.Run(workdir, EvalOptions(**OPTIONS))
     captions = ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
                 "a red square at the bottom", "a blue circle in the centre"]
     images = run.generate(captions)  # batches of 4: [4, 1 + 3 padding]
@@ -125,7 +156,8 @@ def test_generated_images_are_the_pipelines(workdir):
                                   pipe.with_spacing("leading").text_to_image(captions[:4], num_steps=2, seed=0))
 
 
-def test_steps_sweep_writes_a_table_and_a_plot(workdir, monkeypatch):
+def test_steps_sweep_writes_a_table_and_a_plot(workdir, tmp_path, monkeypatch):
+    workdir = own_copy(workdir, tmp_path)
     seen = []
 
     def fake_generate(self, captions, **kw):
@@ -165,39 +197,53 @@ class MeanColourFeatures:
         return np.concatenate([m, m ** 2], axis=1)
 
 
-def test_fid_and_recon_through_evaluate(workdir, tmp_path, monkeypatch):
+def test_fid_and_recon_through_evaluate(workdir, run, tmp_path, monkeypatch):
     """FID of a split's real images against themselves is 0 and against the other split's is
-    not; recon reports the autoencoder's numbers for each split."""
+    not; recon reports, for each split, the PSNR of the pipeline's own reconstructions of its
+    images and the std of their scaled latents."""
     from ldm_jax.evaluation import fid as fid_lib
 
+    copy = own_copy(workdir, tmp_path)
     weights = tmp_path / "pt_inception.npz"
     weights.write_bytes(b"")
     monkeypatch.setattr(fid_lib, "InceptionFeatures", MeanColourFeatures)
-    run = runner.Run(workdir, EvalOptions(**OPTIONS))
     monkeypatch.setattr(runner.Run, "generate", real_images_of(run, "test"))
-    results = runner.evaluate(workdir, ["fid", "recon"], EvalOptions(**OPTIONS, inception_weights=str(weights)))
+    results = runner.evaluate(copy, ["fid", "recon"], EvalOptions(**OPTIONS, inception_weights=str(weights)))
     fid = results["fid"]["result"]
     assert fid["test"]["fid"] == pytest.approx(0.0, abs=1e-3) and fid["test"]["num_samples"] == 6
     assert fid["heldout"]["fid"] > 1e-4  # the test images scored as samples for the held-out captions
     recon = results["recon"]["result"]
     for split in ("test", "heldout"):
-        assert recon[split]["num_images"] == 6 and np.isfinite(recon[split]["psnr"])
-        assert 0.0 < recon[split]["latent_std"] < 100.0
-    assert os.path.exists(os.path.join(workdir, "eval", "2", "fid.json"))
+        images = run.examples(split, 6)["image"]
+        # The pipeline's encode (the posterior's mode, scaled) and decode, in batches of 4 (the
+        # batch test_bpd's encode compiled): images 0-3, then 2-5.
+        latents = np.concatenate([run.pipe.encode(images[:4]), run.pipe.encode(images[2:])[2:]])
+        recons = np.concatenate([run.pipe.decode(latents[:4]), run.pipe.decode(latents[2:])[2:]])
+        mse = ((recons.astype(np.float64) - images) ** 2).mean(axis=(1, 2, 3))  # none is exact here
+        assert recon[split]["num_images"] == 6
+        assert recon[split]["psnr"] == pytest.approx(np.mean(10 * np.log10(255.0 ** 2 / mse)), rel=1e-3)
+        assert recon[split]["latent_std"] == pytest.approx(latents.std(), rel=1e-4)
+    assert os.path.exists(os.path.join(copy, "eval", "2", "fid.json"))
 
 
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
+    """A digits run, with its dataset built here (the first reader would build it otherwise)."""
+    from ldm_jax.data import pipeline as data_pipeline
+    from ldm_jax.training.loop import data_config
+
     data_dir = str(tmp_path_factory.mktemp("digits_data"))
     config = workdir_config(**{"data.data_dir": data_dir, "data.name": "digits", "data.options": {},
                                "eval.splits": ("test",)})
+    data_pipeline.load_source(data_config(config, split="test"))
     return make_workdir(tmp_path_factory.mktemp("digits_run"), config)
 
 
 def test_digit_metrics_score_real_digits_as_the_classifier_does(digits_workdir, tmp_path, monkeypatch):
     from ldm_jax.evaluation import digits
 
-    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path))
+    digits_workdir = own_copy(digits_workdir, tmp_path)
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "cache"))
     run = runner.Run(digits_workdir, EvalOptions(**OPTIONS))
     monkeypatch.setattr(runner.Run, "generate", real_images_of(run, "test"))
     results = runner.evaluate(digits_workdir, ["digit_accuracy", "digits_fid"], EvalOptions(**OPTIONS))
@@ -249,16 +295,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes_fid and diversity (feature networks trained on the real data, cached under LDM_JAX_CACHE)
-
-
-@pytest.fixture(scope="module")
-def feature_cache(tmp_path_factory):
-    """LDM_JAX_CACHE shared with tests/evaluation/test_shapes_features.py: the shapes feature
-    network is trained once per test session."""
-    from tests.evaluation.test_shapes_features import session_cache_dir
-
-    return session_cache_dir(tmp_path_factory)
+# shapes_fid and diversity (feature networks trained on the real data, cached under LDM_JAX_CACHE:
+# tests/conftest.py's session cache, so the shapes feature network is trained once per session)
 
 
 def images_by_condition(run, splits):
@@ -282,13 +320,13 @@ def images_by_condition(run, splits):
     return generate
 
 
-def test_shapes_fid_and_diversity_through_evaluate(workdir, feature_cache, monkeypatch):
+def test_shapes_fid_and_diversity_through_evaluate(workdir, tmp_path, monkeypatch):
     """With the real images of each caption in place of samples, diversity equals the data's
     (ratio 1) and shapes_fid is the direct computation on the same images; the metrics' files,
     scalars and headline are written as every metric's."""
     from ldm_jax.evaluation import shapes_features
 
-    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+    workdir = own_copy(workdir, tmp_path)
     options = EvalOptions(**dict(OPTIONS, num_samples=8, diversity_samples=3))
     run = runner.Run(workdir, options)
     fake = images_by_condition(run, run.splits)
@@ -312,8 +350,7 @@ def test_shapes_fid_and_diversity_through_evaluate(workdir, feature_cache, monke
     assert runner.headline("diversity", results["diversity"]["result"]).startswith("test: diversity_ratio 1")
 
 
-def test_diversity_falls_to_zero_when_a_caption_always_gives_one_image(workdir, feature_cache, monkeypatch):
-    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+def test_diversity_falls_to_zero_when_a_caption_always_gives_one_image(workdir, monkeypatch):
     options = EvalOptions(**dict(OPTIONS, splits=("heldout",)))
     run = runner.Run(workdir, options)
     fake = images_by_condition(run, run.splits)
@@ -324,7 +361,7 @@ def test_diversity_falls_to_zero_when_a_caption_always_gives_one_image(workdir, 
     assert result["diversity"] == 0.0 and result["real_diversity"] > 0 and result["samples_per_caption"] == 4
 
 
-def test_diversity_on_digits_and_shapes_fid_unavailable_there(digits_workdir, monkeypatch):
+def test_diversity_on_digits_and_shapes_fid_unavailable_there(digits_workdir, tmp_path, monkeypatch):
     """On digits, diversity measures the digit classifier's features (a stand-in here; the
     classifier itself is tested in tests/evaluation/test_digits.py)."""
     from ldm_jax.evaluation import digits
@@ -335,6 +372,7 @@ def test_diversity_on_digits_and_shapes_fid_unavailable_there(digits_workdir, mo
         assert classifier == "the digit classifier"
         return MeanColourFeatures(None).features(images)
 
+    digits_workdir = own_copy(digits_workdir, tmp_path)
     monkeypatch.setattr(digits, "load_classifier", lambda size: loaded.append(size) or "the digit classifier")
     monkeypatch.setattr(digits, "features", features)
     options = EvalOptions(**dict(OPTIONS, diversity_samples=2))
@@ -355,14 +393,30 @@ def test_diversity_settings_are_checked_before_computing(workdir):
         runner.evaluate(workdir, ["diversity"], EvalOptions(**dict(OPTIONS, diversity_samples=8)))
 
 
-def test_shapes_fid_and_diversity_of_the_runs_own_samples(workdir, feature_cache, monkeypatch):
-    """The real sampler end to end (a random model): two samples of one caption differ, so
-    diversity is positive, and the result is what `diversity` gives for those samples."""
-    monkeypatch.setenv("LDM_JAX_CACHE", feature_cache)
+def test_shapes_fid_and_diversity_of_the_runs_own_samples(workdir, tmp_path, monkeypatch):
+    """The real sampler end to end (a random model): shapes_fid and diversity are what
+    `shapes_fid` and `diversity` give for the samples it drew (one per caption of the split's
+    first 4 examples; 2 per caption of the first 2 captions with 2 real images); two samples of
+    one caption differ, so diversity is positive."""
+    from ldm_jax.evaluation import shapes_features
+
+    workdir = own_copy(workdir, tmp_path)
     options = EvalOptions(**dict(OPTIONS, splits=("heldout",), num_samples=4, diversity_samples=2))
+    generated = record_generate(monkeypatch)
     results = runner.evaluate(workdir, ["shapes_fid", "diversity"], options)
     fid, div = results["shapes_fid"]["result"]["heldout"], results["diversity"]["result"]["heldout"]
-    assert np.isfinite(fid["shapes_fid"]) and fid["shapes_fid"] > 0 and fid["num_samples"] == 4
-    assert div["num_captions"] == 2 and div["diversity"] > 0 and div["real_diversity"] > 0
+    run, classifier = runner.Run(workdir, options), shapes_features.load_classifier(32)
+    (fid_captions, fid_samples), (div_captions, div_samples) = generated
+    real = run.examples("heldout", 4)
+    assert fid_captions == real["caption"] and fid["num_samples"] == 4
+    assert fid["shapes_fid"] == pytest.approx(shapes_features.shapes_fid(fid_samples, real["image"], classifier))
+    captions, real_images = runner.repeated_conditions(run, "heldout", 2, 2)
+    assert div_captions == [c for c in captions for _ in range(2)]
+
+    def features(images):  # [2 captions, 2 images, ...] -> [2, 2, D]
+        return shapes_features.features(images.reshape((4,) + images.shape[-3:]), classifier).reshape(2, 2, -1)
+
+    assert div == pytest.approx(shapes_features.diversity(features(div_samples), features(real_images)))
+    assert div["num_captions"] == 2 and div["diversity"] > 0
     assert results["diversity"]["sampler"] == dict(sampler="dpm_solver++", num_steps=2, guidance=2.0,
                                                    spacing="trailing")

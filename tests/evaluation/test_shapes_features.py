@@ -5,22 +5,17 @@ import numpy as np
 import pytest
 
 from ldm_jax.data import shapes as shapes_data
+from ldm_jax.evaluation import network_cache
 from ldm_jax.evaluation import shapes as checker
 from ldm_jax.evaluation import shapes_features as sf
 from tests.data.test_shapes import read_split
 
 
-def session_cache_dir(tmp_path_factory) -> str:
-    """An LDM_JAX_CACHE shared by the test session (by each xdist worker), so that the shapes
-    feature network is trained once for this file and tests/test_evaluate.py."""
-    path = tmp_path_factory.getbasetemp() / "ldm_jax_cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return session_cache_dir(tmp_path_factory)
+def cache_dir():
+    """The session's LDM_JAX_CACHE (tests/conftest.py): the shapes feature network is trained
+    once for this file and tests/test_evaluate.py."""
+    return network_cache.default_cache_dir()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@
 The base recipe (a 32x32x3 -> 8x8x4 KL autoencoder, then a text-conditional UNet on its latents
 with a from-scratch text encoder) on 1,497 training digits; samples of the ten captions are
 written to runs/digits/samples/ and TensorBoard (runs/digits). Captions are at most 6 tokens, so
-the text encoder reads 8. Expect: each digit drawn as asked, white on black; the run's time is
-that of configs/base.py on the same machine (same model sizes and steps).
+the text encoder reads 8. Expect: each digit drawn as asked, white on black. The model sizes and
+steps are configs/base.py's, so the run takes about that config's time on the same machine
+(benchmarks/results/base_run.json), less the shapes checker's evaluations, which digits skips.
 """
 import pathlib
 

@@ -17,8 +17,9 @@ FLOPs: the model FLOPs of the table and MFU are `jitted.lower(...).cost_analysis
 with XLA attention (the unoptimised program: every dot and convolution the model asks for), because
 the cost analysis of the compiled program (`.compile().cost_analysis()`, kept in the JSON as
 `compiled_flops`) counts cuBLAS GEMMs and cuDNN convolutions but not cuDNN's fused attention, a
-custom call it cannot see into. On CPU the two counts agree within 10%. With `--remat` both include
-the recomputed forward, so MFU is then hardware-FLOPs utilisation.
+custom call it cannot see into. On CPU, where no attention is fused, the two counts can be set side
+by side: `--cpu_dry_run` writes both. With `--remat` both include the recomputed forward, so MFU is
+then hardware-FLOPs utilisation.
 
 Sampling: `LatentDiffusionPipeline` with SD 1.5's UNet, VAE and CLIP text encoder architectures
 (random weights, float32 parameters, bfloat16 activations) at 512^2, batch 1, 50 DDIM steps,

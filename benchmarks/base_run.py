@@ -57,7 +57,6 @@ DEFAULT_OUT = common.RESULTS_DIR / "base_run.json"
 MARKERS = {
     "dataset_start": re.compile(r"Generating dataset"),
     "dataset_end": re.compile(r"downloaded and prepared to"),
-    "autoencoder_done": re.compile(r"\bautoencoder: done at step\b"),
     "latent_table": re.compile(r"encoded the \d+ training images' latents in ([0-9.]+) s"),
     "ldm_done": re.compile(r"\bldm: done at step\b"),
     "prompt_accuracy": re.compile(r"\bprompt accuracy: "),
@@ -165,7 +164,12 @@ def prompt_accuracy(workdir: pathlib.Path, steps: int, num_samples: int) -> dict
 def collect(workdir: pathlib.Path, lines: list[tuple[float, str]], wall_s: float) -> dict:
     """Everything the results file says about the finished run in `workdir` (see the module docstring)."""
     found = marker_times(lines)
-    summary = ast.literal_eval(found["summary"][1].group(1)) if "summary" in found else {}
+    summary = {}
+    if "summary" in found:
+        try:
+            summary = ast.literal_eval(found["summary"][1].group(1))
+        except (ValueError, SyntaxError):  # a value without a literal repr: the stage times stay None
+            pass
     config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
     records = read_metrics(workdir)
     num_samples = int(config["eval"]["num_samples"])

@@ -20,6 +20,7 @@ from ldm_jax.training import config as config_lib  # noqa: E402
 from ldm_jax.training import ldm_stage, sharding  # noqa: E402
 from ldm_jax.training.checkpoint import StageCheckpoints  # noqa: E402
 from tests.test_pipeline import blob_images, make_workdir, tiny_sd_pipeline, workdir_config  # noqa: E402
+from tests.training.tiny import CHEAP_COMPILE  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
 
@@ -79,8 +80,10 @@ def test_imported_workdir_samples_like_the_folder(imported):
 
 def test_imported_workdir_resumes_as_a_training_run(imported):
     """What run_stage does on resume (validate, restore against init_state's shapes with
-    shardings), then a train step with the frozen autoencoder and text encoder of the folder,
-    traced (jax.eval_shape: every shape and dtype checked, nothing compiled)."""
+    shardings), then one real train step with the frozen autoencoder and text encoder of the
+    folder: the step count moves to 1, and AdamW's first update from a fresh optimiser state
+    moves every UNet parameter by the config's learning rate (bias-corrected, m / sqrt(v) =
+    g / |g|; no weight decay), and the EMA by its warm-up decay min(0.9999, 1/10) at step 0."""
     src, workdir = imported
     config = config_lib.load_config(os.path.join(workdir, "config.py"))
     config_lib.validate(config)
@@ -99,9 +102,21 @@ def test_imported_workdir_resumes_as_a_training_run(imported):
     frozen = {"autoencoder": c.vae_params, "text_encoder": c.text_encoder_params, "scale": np.float32(0.5)}
     batch = {"image": jnp.asarray(blob_images(4, 16), jnp.float32) / 127.5 - 1.0,
              "ids": jnp.asarray(tokenize(c.tokenizer, PROMPTS * 2, config.text_encoder.max_length))}
-    new_state, metrics = jax.eval_shape(ldm_stage.make_train_step(config, models), state, batch, frozen)
-    assert jax.tree.structure(new_state) == jax.tree.structure(state)
-    assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+    before, ema_before = jax.device_get((state.params, state.ema_params))
+    step = jax.jit(ldm_stage.make_train_step(config, models), compiler_options=CHEAP_COMPILE)
+    new_state, metrics = jax.device_get(step(state, batch, frozen))
+    assert int(new_state.step) == 1 and bool(metrics["finite"]) and int(new_state.nonfinite) == 0
+    assert set(new_state.params) == {"unet"}  # the text encoder stays frozen, in `frozen`
+
+    lr, o = config.optim.lr, config.optim
+    assert (lr, o.warmup_steps, o.weight_decay) == (1e-5, 0, 0.0)
+    moved = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(new_state.params),
+                                                                   jax.tree.leaves(before))])
+    # Within float32 rounding; the few entries whose |g| is near Adam's eps move less.
+    assert np.mean(np.abs(moved / lr - 1) < 0.05) > 0.99, np.percentile(moved / lr, [1, 50, 99])
+    for a, e, p in zip(jax.tree.leaves(new_state.ema_params), jax.tree.leaves(ema_before),
+                       jax.tree.leaves(new_state.params)):
+        np.testing.assert_allclose(a, 0.1 * e + 0.9 * p, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_conversions_are_named(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from ldm_jax import experiments as ex
 from ldm_jax.experiments import report as report_lib
 from ldm_jax.experiments import runner
+from tests.shared_runs import own_copy
 from tests.sizes import SMALL_SHAPES
 from tests.training.tiny import ROOT
 
@@ -231,11 +232,12 @@ def micro(shapes_dir, tmp_path_factory):
         """, base=str(folder / "micro_config.py"))
     root = str(folder / "runs")
 
-    def run():
+    def run(root):
+        """`run` of the sweep into `root` (the module's, which the tests only read, or a copy)."""
         return subprocess.run([sys.executable, "-m", "ldm_jax.experiments", "run", path, "--root", root],
                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=folder)
 
-    first = run()
+    first = run(root)
     assert first.returncode == 0, first.stdout + first.stderr
     return root, run, first
 
@@ -265,10 +267,11 @@ def test_micro_sweep_creates_a_workdir_per_point(micro):
 
 
 @pytest.mark.slow
-def test_micro_sweep_skips_complete_points_and_resumes_interrupted_ones(micro):
+def test_micro_sweep_skips_complete_points_and_resumes_interrupted_ones(micro, tmp_path):
     root, run, _ = micro
+    root = own_copy(root, tmp_path)  # reruns into, and deletes from, a copy of the module's sweep
     stamps = {p: os.path.getmtime(p) for p in result_files(root)}
-    again = run()
+    again = run(root)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("trained, skipping training") == 2 and again.stdout.count("evaluated, skipping") == 2
     assert {p: os.path.getmtime(p) for p in result_files(root)} == stamps
@@ -277,7 +280,7 @@ def test_micro_sweep_skips_complete_points_and_resumes_interrupted_ones(micro):
     workdir = os.path.join(root, "seed=1")
     shutil.rmtree(os.path.join(workdir, "checkpoints", "ldm", "4"))
     os.remove(os.path.join(workdir, "experiment", "default.json"))
-    resumed = run()
+    resumed = run(root)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "seed=0: trained, skipping training" in resumed.stdout and "seed=1: training" in resumed.stdout
     assert os.path.getmtime(os.path.join(root, "seed=0", "experiment", "default.json")) == \

@@ -7,13 +7,14 @@ Captions, for each image (first source that has one wins):
 `file` is relative to the folder. Images without a caption are left out (a warning gives the
 count); captions must not be empty.
 
-Images (`.png .jpg .jpeg .webp .bmp .gif .tif .tiff`, any case) are turned upright by their EXIF
-orientation, composited onto white if they have transparency, converted to RGB, resized so the
-shorter side is S (LANCZOS) and centre-cropped to S x S. JPEGs are decoded at reduced scale where
+Images (`.png .jpg .jpeg .webp .bmp .gif .tif .tiff`, any case) are read as 8-bit RGB by
+`ldm_jax.data.image_files` (upright by their EXIF orientation, 16-bit greys scaled, transparency
+composited onto white, any mode converted), resized so the shorter side is S (LANCZOS) and
+centre-cropped to S x S. JPEGs are decoded at reduced scale where
 that still leaves at least S pixels a side (`PIL.Image.draft`), which is much faster for photos.
 
-Unreadable files (truncated, empty, not an image whatever their name, missing though listed in a
-captions table) are skipped, never aborting the build: every image is decoded before the split is
+Unreadable files (truncated, empty, not an image whatever their name, over PIL's decompression
+limit, missing though listed in a captions table) are skipped, never aborting the build: every image is decoded before the split is
 drawn, so the splits hold readable images only. The skipped files, one `file<TAB>reason` a line,
 are written to `skipped.txt` next to the prepared data
 (`<data_dir>/image_folder/<config>/<version>/skipped.txt`, empty when none; `REPORT_FILE`), and a
@@ -32,7 +33,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import numbers
 import os
 import re
 
@@ -43,13 +46,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from ldm_jax.data.builder import ArrayRecordBuilder, captioned_image_features, png_bytes
+from ldm_jax.data.image_files import UNREADABLE, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTIONS_JSONL, CAPTIONS_CSV = "captions.jsonl", "captions.csv"
 REPORT_FILE = "skipped.txt"
-# What PIL raises for a file it cannot read: OSError covers truncated data, empty and missing
-# files and PIL.UnidentifiedImageError; some broken PNGs raise SyntaxError, some GIFs EOFError.
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
 
 
 def _reason(error: Exception) -> str:
@@ -67,32 +68,40 @@ def read_captions(folder: str) -> dict[str, str]:
 
     jsonl_path = os.path.join(folder, CAPTIONS_JSONL)
     if os.path.exists(jsonl_path):
-        with open(jsonl_path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    add(entry["file"], entry["text"])
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                    raise ValueError(f"{jsonl_path}:{line_number}: expected {{\"file\": ..., \"text\": ...}} "
-                                     f"({type(e).__name__}: {e})") from None
+        for line_number, line in enumerate(_read_text(jsonl_path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                add(entry["file"], entry["text"])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{jsonl_path}:{line_number}: expected {{\"file\": ..., \"text\": ...}} "
+                                 f"({type(e).__name__}: {e})") from None
     csv_path = os.path.join(folder, CAPTIONS_CSV)
     if os.path.exists(csv_path):
-        with open(csv_path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not {"file", "text"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{csv_path}: the header must name the columns file and text, "
-                                 f"got {reader.fieldnames}")
-            for row in reader:
-                add(row["file"], row["text"] or "")
+        reader = csv.DictReader(io.StringIO(_read_text(csv_path), newline=""))
+        if not {"file", "text"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{csv_path}: the header must name the columns file and text, "
+                             f"got {reader.fieldnames}")
+        for line_number, row in enumerate(reader, 2):
+            if row["file"] is None:
+                raise ValueError(f"{csv_path}:{line_number}: expected the columns file and text, got {row}")
+            add(row["file"], row["text"] or "")
     for name in sorted(os.listdir(folder)):
         stem, suffix = os.path.splitext(name)
         txt_path = os.path.join(folder, stem + ".txt")
         if suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(txt_path):
-            with open(txt_path, encoding="utf-8") as f:
-                add(name, f.read())
+            add(name, _read_text(txt_path))
     return captions
+
+
+def _read_text(path: str) -> str:
+    """A captions file's text; ValueError naming the file if it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: captions must be UTF-8 text ({e})") from None
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -100,12 +109,7 @@ def load_image(path: str, size: int) -> np.ndarray:
     with PIL.Image.open(path) as image:
         image.draft("RGB", (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale if still >= size
         image.load()  # decode all of it now, so a truncated file fails here
-        image = PIL.ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, "white"), rgba)
-        image = image.convert("RGB")
-        image = PIL.ImageOps.fit(image, (size, size), method=PIL.Image.Resampling.LANCZOS)
+        image = PIL.ImageOps.fit(to_rgb(image), (size, size), method=PIL.Image.Resampling.LANCZOS)
     return np.asarray(image)
 
 
@@ -121,9 +125,19 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
 
 def image_folder_config(folder: str, image_size: int = 32, test_fraction: float = 0.1,
                         seed: int = 0) -> ImageFolderConfig:
-    """An ImageFolderConfig named "<folder's name>_<hash of its absolute path and the options>"."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"image_folder: test_fraction must be in [0, 1), got {test_fraction}")
+    """An ImageFolderConfig named "<folder's name>_<hash of its absolute path and the options>";
+    ValueError naming the option for a value of the wrong type or out of range."""
+    if not isinstance(folder, str) or not folder:
+        raise ValueError(f"image_folder: folder must be a path, got {folder!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_folder: image_size must be a positive integer (pixels), got {image_size!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"image_folder: test_fraction must be a number in [0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"image_folder: seed must be an integer, got {seed!r}")
+    # numpy scalars as Python numbers (the same JSON for the name's hash)
+    image_size, seed = int(image_size), int(seed)
+    test_fraction = int(test_fraction) if isinstance(test_fraction, numbers.Integral) else float(test_fraction)
     folder = os.path.abspath(os.path.expanduser(folder))
     settings = json.dumps([folder, image_size, test_fraction, seed])
     digest = hashlib.sha256(settings.encode()).hexdigest()[:12]

@@ -155,10 +155,15 @@ class LatentDiffusionPipeline:
                      progress: bool = False) -> "LatentDiffusionPipeline":
         """A training run's diffusion model at `step` (default: the latest checkpoint), with its EMA
         parameters (or the raw ones, `ema=False`), its autoencoder and its latent scale factor."""
+        from ldm_jax.training import config as config_lib
         from ldm_jax.training import ldm_stage
 
         workdir = os.path.abspath(os.path.expanduser(workdir))
         config = load_workdir_config(workdir)
+        try:  # a hand-edited config.json fails here, naming the key, not in a module's constructor
+            config_lib.validate(config)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(workdir, 'config.json')}: {e}") from None
         mesh = mesh if mesh is not None else sharding.make_mesh()
         models = ldm_stage.build_models(config)
         state, meta = restore_stage(workdir, "ldm", mesh, step)

@@ -55,6 +55,12 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output folder")
 
 
+# An --init_image larger than this many times the model's image size (per side) is refused unless
+# --height / --width say the size to sample at: sampling a photo at its own resolution with a
+# model trained at 32 or 512 pixels runs out of memory (attention is quadratic in the pixels).
+MAX_INIT_SCALE = 4
+
+
 class SampleError(ValueError):
     """Bad input: reported as one line."""
 
@@ -138,13 +144,13 @@ def _check_flags(args: SampleArgs) -> None:
 
 
 def _read_image(path: str, what: str, mode: str):
-    import numpy as np
-    import PIL.Image
+    """uint8 [H, W, 3] (mode "RGB") or [H, W] (mode "L"), read as the datasets read images
+    (`ldm_jax.data.image_files`: EXIF orientation, 16-bit scaled, transparency onto white)."""
+    from ldm_jax.data import image_files
 
     try:
-        with PIL.Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        return image_files.read_rgb(path) if mode == "RGB" else image_files.read_grey(path)
+    except image_files.UNREADABLE as e:
         raise SampleError(f"cannot read {what} {path}: {e}") from None
 
 
@@ -234,6 +240,12 @@ def generate(args: SampleArgs) -> list[str]:
     image, mask = _images_and_mask(args)
     pipe = load_pipeline(args)
     task = "inpaint" if mask is not None else "image" if image is not None else "text"
+    if image is not None and args.height is None and args.width is None and (
+            max(image.shape[:2]) > MAX_INIT_SCALE * pipe.default_size):
+        raise SampleError(
+            f"--init_image {args.init_image} is {image.shape[1]}x{image.shape[0]}, more than {MAX_INIT_SCALE}x this "
+            f"model's {pipe.default_size}x{pipe.default_size} images: give --height and --width to resize it "
+            f"(e.g. --height {pipe.default_size} --width {pipe.default_size})")
     height = image.shape[0] if image is not None else (args.height or pipe.default_size)
     width = image.shape[1] if image is not None else (args.width or pipe.default_size)
     try:
@@ -309,12 +321,12 @@ def args_from_sidecar(sidecar: dict, out: str) -> SampleArgs:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # orbax and jax log every step at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     args = SampleArgs(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SampleArgs)})
     try:
+        if len(argv) > 1:
+            raise SampleError(f"unexpected arguments: {' '.join(argv[1:])} (every input is a flag, e.g. --prompt)")
         paths = generate(args)
     except SampleError as e:
         print(f"ldm_jax.sample: error: {' '.join(str(e).split())}", file=sys.stderr)

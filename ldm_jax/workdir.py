@@ -1,9 +1,8 @@
-"""Reading a training run's workdir: its stored config (over today's configs/base.py), its
+"""Reading a training run's workdir: its stored config (versioned; see training/run_record.py), its
 checkpoints on any device count, and the autoencoder it was trained with. Used by the pipeline,
 the sample and convert CLIs, and evaluation."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -24,41 +23,19 @@ def _tuples(tree):
     return tree
 
 
-def _overlay(base: dict, stored: dict, path: str = "") -> dict:
-    """`stored` over `base`: plain groups key by key (keys added since the run get base's
-    defaults); constructor and free-form groups (`unet`, `data`, ...) as stored, whole."""
-    from ldm_jax.training import config as config_lib
-
-    whole = set(config_lib.MODEL_GROUPS) | set(config_lib.DELEGATED) | set(config_lib.FREE_FORM)
-    out = dict(base)
-    for key, value in stored.items():
-        sub = f"{path}.{key}" if path else key
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and sub not in whole:
-            out[key] = _overlay(base[key], value, sub)
-        else:
-            out[key] = value
-    return out
-
-
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a training run stored in `<workdir>/config.json`, over today's configs/base.py
-    (so that a run written before a key was added still loads)."""
-    from ldm_jax.training import config as config_lib
+    """The config a training run stored in `<workdir>/config.json`, brought to today's version by
+    the explicit migrations of `training.run_record` (an older run is read as it was trained,
+    never under today's defaults), with the changes made on resume (`config_history.jsonl`)."""
+    from ldm_jax.training import run_record
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(workdir, run_record.CONFIG_FILE)):
         raise FileNotFoundError(f"workdir {workdir} has no config.json: not a training run "
                                 "(python -m ldm_jax.train writes it)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    base = config_lib.reference_config().to_dict()
-    return ml_collections.ConfigDict(_tuples(_overlay(base, stored)))
+    return ml_collections.ConfigDict(_tuples(run_record.load(workdir)))
 
 
 def checkpoint_steps(workdir: str, stage: str) -> list[int]:
@@ -75,7 +52,7 @@ def restore_stage(workdir: str, stage: str, mesh, step: int | None = None) -> tu
     own tree, so this works on any device count and whatever the optimiser state looks like."""
     import orbax.checkpoint as ocp
 
-    from ldm_jax.training.checkpoint import StageCheckpoints
+    from ldm_jax.training.checkpoint import DamagedCheckpointError, StageCheckpoints, verify
 
     steps = checkpoint_steps(workdir, stage)
     if not steps:
@@ -87,10 +64,18 @@ def restore_stage(workdir: str, stage: str, mesh, step: int | None = None) -> tu
     replicated = sharding.replicated(mesh)
     ckpt = StageCheckpoints(workdir, stage)
     try:
-        saved = ckpt.manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        folder = ckpt.step_folder(step)
+        try:
+            verify(folder)
+            saved = ckpt.manager.item_metadata(step)["state"]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
+        except DamagedCheckpointError as e:
+            raise DamagedCheckpointError(f"{e}; saved {stage} steps: {steps} (give another step)") from None
+        except Exception as e:  # noqa: BLE001 - a damaged step's metadata
+            raise DamagedCheckpointError(f"checkpoint {folder} could not be read ({type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:300]}); saved {stage} steps: {steps} "
+                                         "(give another step)") from None
+        restored = ckpt.read(step, state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     finally:
         ckpt.close()
     return restored["state"], restored["meta"] or {}

@@ -88,11 +88,21 @@ def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"ldm_jax_config_{path.stem}", path)
+    if spec is None:
+        raise ValueError(f"config file {str(path)!r} is not a Python file (configs/*.py define get_config())")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {str(path)!r} defines no get_config()")
-    config = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {str(path)!r} defines no get_config()")
+        config = module.get_config()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's file: name it and what went wrong
+        raise ValueError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config file {str(path)!r}: get_config() must return an ml_collections.ConfigDict, "
+                         f"got {type(config).__name__}")
     for override in overrides:
         apply_override(config, override)
     return config
@@ -114,8 +124,10 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         raise _unknown_key(path, last, node)
     try:
         value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = text.strip()
+    if isinstance(node.get(last), bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"  # --config.data.flip=true, as absl's boolean flags read it
     try:
         node[last] = value
     except (TypeError, ValueError) as e:

@@ -9,6 +9,7 @@ leaves the last checkpoint as it was. The same workdir resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,9 +26,9 @@ import tqdm
 
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import shapes as shapes_checker
-from ldm_jax.training import autoencoder_stage, ldm_stage, sharding
+from ldm_jax.training import autoencoder_stage, ldm_stage, run_record, sharding
 from ldm_jax.training import config as config_lib
-from ldm_jax.training.checkpoint import StageCheckpoints
+from ldm_jax.training.checkpoint import StageCheckpoints, step_folders
 from ldm_jax.training.writer import MetricWriter, image_grid, save_png
 from ldm_jax.training.xla_options import compiler_options
 
@@ -93,14 +94,18 @@ def data_config(config, batch_size: int | None = None, split: str | None = None,
 def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | None, init_fn: Callable,
               step_fn: Callable, total_steps: int, data: pipeline.DataConfig, frozen=None,
               meta: dict | None = None, on_log: Callable | None = None,
-              preemption: Preemption | None = None, latents=None) -> StageResult:
-    """Run one stage to `total_steps` (resuming from its latest checkpoint). See the module docstring.
+              preemption: Preemption | None = None, latents=None,
+              end_of_stage_row: Callable[[dict], bool] = lambda row: False) -> StageResult:
+    """Run one stage to `total_steps` (resuming from its latest complete checkpoint). See the
+    module docstring.
 
     `meta` (JSON) is saved with every checkpoint; a restored checkpoint's meta wins. `latents`:
     a precomputed table the batches carry rows of instead of images (pipeline.make_dataset).
+    On resume, metrics.jsonl forgets this stage's rows after the restored step and its
+    `end_of_stage_row`s: they are written again, so the file reads as one uninterrupted run.
     """
     t = config.train
-    ckpt = StageCheckpoints(workdir, name, keep=t.keep_checkpoints)
+    ckpt = StageCheckpoints(workdir, name, keep=t.keep_checkpoints, repair=jax.process_index() == 0)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(init_fn, rng)
     shardings = sharding.tree_shardings(abstract, mesh, config.mesh.shard_params)
@@ -116,6 +121,10 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
         state = jax.jit(init_fn, out_shardings=shardings)(rng)
     meta = meta or {}
     start = int(state.step)
+    if writer is not None and not run_record.is_finished(workdir, name, total_steps):
+        prefix = f"{name}/"
+        writer.drop_rows(lambda row: end_of_stage_row(row) or (
+            row.get("step", 0) > start and any(k.startswith(prefix) for k in row)))
     if start >= total_steps:
         ckpt.close()
         return StageResult(state, "done", meta)
@@ -220,11 +229,13 @@ def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | N
         step_fn=autoencoder_stage.make_train_step(config), frozen=frozen,
         total_steps=ae.steps, data=data_config(config, batch_size=ae.batch_size, caption_key=None),
         preemption=preemption,  # stage 1 needs images only: no tokenisation
+        end_of_stage_row=lambda row: any(k.startswith("autoencoder/recon_") for k in row),
     )
     params = result.state.params["autoencoder"]
-    if result.status == "done" and _is_shapes(config):
+    evaluate = result.status == "done" and not run_record.is_finished(workdir, "autoencoder", ae.steps)
+    if evaluate and _is_shapes(config):
         host_params = to_host(params)  # every process takes part; process 0 evaluates
-    if result.status == "done" and _is_shapes(config) and jax.process_index() == 0:
+    if evaluate and _is_shapes(config) and jax.process_index() == 0:
         captions = _eval_captions(config, "test", config.eval.num_samples)
         images = _render_captions(config, captions)
         acc = autoencoder_stage.reconstruction_accuracy(module, host_params, images, captions, batch_size=64)
@@ -233,6 +244,8 @@ def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | N
         if writer is not None:
             writer.write_scalars(ae.steps, {f"autoencoder/recon_{k}": v for k, v in acc.items()})
             writer.write_images(ae.steps, {"autoencoder/reconstructions": image_grid(np.concatenate([images[:16], recon]), cols=16)})
+    if evaluate and jax.process_index() == 0:
+        run_record.mark_finished(workdir, "autoencoder", ae.steps)
     return params, result.status
 
 
@@ -331,13 +344,16 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
         init_fn=lambda rng: ldm_stage.init_state(config, models, rng),
         step_fn=ldm_stage.make_train_step(config, models), total_steps=config.train.steps,
         data=data_config(config), frozen=frozen, meta=meta, on_log=on_log, preemption=preemption, latents=latents,
+        end_of_stage_row=lambda row: row.get("step") == config.train.steps and any(
+            k.startswith(f"eval/{split}/") for split in config.eval.splits for k in row),
     )
-    if result.status == "done":
+    if result.status == "done" and not run_record.is_finished(workdir, "ldm", config.train.steps):
         ema = to_host(result.state.ema_params)
         if writer is not None:
             write_samples(config.train.steps, ema)
             if _is_shapes_text(config):
                 evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema, frozen_holder["host"])
+            run_record.mark_finished(workdir, "ldm", config.train.steps)
     return result
 
 
@@ -362,18 +378,55 @@ def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema_par
     return results
 
 
+def checkpoint_steps(workdir: str, stage: str) -> list[int]:
+    return step_folders(os.path.join(workdir, "checkpoints", stage))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train the configured stages in `workdir` (resuming what is there); returns a summary."""
+    """Train the configured stages in `workdir` (resuming what is there); returns a summary.
+
+    Everything is checked before anything is written: the config (`config_lib.validate`), the
+    mesh, and on resume the stored config (`run_record.check_resume`: only keys that cannot change
+    what was trained may differ; they are appended to config_history.jsonl). The stored
+    config.json is never overwritten. Process 0 holds the workdir's lock while it trains.
+    """
     config_lib.validate(config)
-    enable_compilation_cache()
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    resuming = os.path.isfile(os.path.join(workdir, run_record.CONFIG_FILE))
+    # Stage 1 may train longer only while no diffusion step has used its latents.
+    also = () if checkpoint_steps(workdir, "ldm") else ("autoencoder.steps",)
+    if resuming:
+        run_record.check_resume(workdir, config, run_record.load(workdir), also)
+    elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+        raise run_record.RunConfigError(f"workdir {workdir} holds checkpoints but no config.json: its config is lost, "
+                                        "so it cannot be resumed safely; use another --workdir")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     for name, d in (("data", config.data), ("autoencoder", config.autoencoder)):
         if d.batch_size % mesh.devices.size:
             raise ValueError(f"{name}.batch_size={d.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+    enable_compilation_cache()
+    os.makedirs(workdir, exist_ok=True)
+    lock = run_record.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        if jax.process_index() == 0:
+            if resuming:  # again, under the lock: the checks above ran before we held it
+                run_record.append_history(workdir, run_record.check_resume(workdir, config, run_record.load(workdir), also))
+            else:
+                run_record.write_config(workdir, config)
+        if _finished(config, workdir):  # a rerun of a finished run changes nothing
+            log.info("%s: every stage has trained and been evaluated; nothing to do", workdir)
+            return {"workdir": workdir, "status": "done",
+                    **({"step": int(config.train.steps)} if "ldm" in config.stages else {})}
+        return _train_stages(config, workdir, mesh)
+
+
+def _finished(config, workdir: str) -> bool:
+    stages = {"autoencoder": config.autoencoder.steps, "ldm": config.train.steps}
+    return all(run_record.is_finished(workdir, stage, stages[stage]) and checkpoint_steps(workdir, stage)
+               and checkpoint_steps(workdir, stage)[-1] == stages[stage] for stage in config.stages)
+
+
+def _train_stages(config, workdir: str, mesh) -> dict:
     writer = MetricWriter(workdir) if jax.process_index() == 0 else None
     summary: dict = {"workdir": workdir}
     timings = {}

@@ -47,6 +47,32 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()  # a line per logging step, readable while the run goes on
 
+    def drop_rows(self, drop) -> None:
+        """Rewrite metrics.jsonl without the rows (dicts) for which `drop(row)` is true, and
+        without a torn last line (a kill while writing); atomically, then keep appending."""
+        path = os.path.join(self.workdir, METRICS_FILE)
+        self._jsonl.close()
+        with open(path) as f:
+            lines = f.read().split("\n")
+        kept = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # only a kill mid-write makes one; the step is logged again
+            if not drop(row):
+                kept.append(line + "\n")
+        if len(kept) != sum(1 for line in lines if line.strip()):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a")
+
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Images at `step`: each uint8 [H, W, 3], or [N, H, W, 3] (laid out with `image_grid`)."""
         for name, image in images.items():

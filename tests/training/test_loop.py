@@ -1,15 +1,18 @@
 """End-to-end training on a tiny configuration: both stages, resume, faults, devices."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.training import loop, optim, sharding
+from ldm_jax.training import ldm_stage, loop, optim, sharding
 from ldm_jax.training.checkpoint import ShapeMismatchError, StageCheckpoints
+from ldm_jax.training.run_record import RunConfigError
 from ldm_jax.training.state import TrainState, apply_gradients
+from tests.digest import tree_digest
 from tests.training.tiny import cheap_compilation, tiny_config
 
 
@@ -90,12 +93,32 @@ def test_one_and_four_devices_give_the_same_losses(full_run, shapes_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_restoring_into_a_different_architecture_names_the_parameter(full_run, shapes_dir, tmp_path):
+def test_resuming_with_a_different_architecture_is_refused_before_anything_is_written(full_run, shapes_dir,
+                                                                                       tmp_path):
     reference, _ = full_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)  # the shared run stays read-only
+    before = tree_digest(workdir)
     config = tiny_config(shapes_dir, ldm_steps=6)
     config.unet.block_out_channels = (16, 48)
-    with pytest.raises(ShapeMismatchError, match=r"params/unet/.* has shape .*, but the config gives"):
-        loop.train_and_evaluate(config, reference)
+    with pytest.raises(RunConfigError, match=r"unet\.block_out_channels: stored \[16, 32\], given \[16, 48\]"):
+        loop.train_and_evaluate(config, workdir)
+    assert tree_digest(workdir) == before
+
+
+def test_restoring_a_checkpoint_into_another_architecture_names_the_parameter(full_run, shapes_dir):
+    """The shape check behind the config check (a checkpoint read without its run's config)."""
+    reference, _ = full_run
+    config = tiny_config(shapes_dir)
+    config.unet.block_out_channels = (16, 48)
+    models = ldm_stage.build_models(config)
+    target = jax.eval_shape(lambda rng: ldm_stage.init_state(config, models, rng), jax.random.PRNGKey(0))
+    ckpt = StageCheckpoints(reference, "ldm")
+    try:
+        with pytest.raises(ShapeMismatchError, match=r"params/unet/.* has shape .*, but the config gives"):
+            ckpt.restore(target)
+    finally:
+        ckpt.close()
 
 
 def test_nonfinite_updates_stop_the_run_and_keep_the_last_checkpoint(shapes_dir, tmp_path):

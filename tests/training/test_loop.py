@@ -55,7 +55,17 @@ def test_both_stages_train_checkpoint_and_log(full_run):
     assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
     with open(os.path.join(workdir, "eval", "prompt_accuracy_4.json")) as f:
         acc = json.load(f)
-    assert set(acc) == {"test", "heldout"} and 0.0 <= acc["test"]["ok"] <= 1.0
+    assert set(acc) == {"test", "heldout"}
+    logged = {k: v for r in rows if r["step"] == 4 for k, v in r.items() if k.startswith("eval/")}
+    for split, result in acc.items():
+        assert {f"eval/{split}/{k}": v for k, v in result.items()} == {
+            k: v for k, v in logged.items() if k.startswith(f"eval/{split}/")}  # the file is what was logged
+        # The checker's verdicts on eval.num_samples = 8 samples: fractions k/8, and a sample is
+        # right when its colour, shape and position all are.
+        attributes = [result[k] for k in ("colour_ok", "shape_ok", "position_ok")]
+        assert set(result) == {"ok", "colour_ok", "shape_ok", "position_ok"}
+        assert all(8 * v == round(8 * v) for v in result.values()), result
+        assert max(sum(attributes) - 2, 0.0) - 1e-9 <= result["ok"] <= min(attributes), result
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(workdir) for name in files)
 
 

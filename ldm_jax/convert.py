@@ -109,7 +109,7 @@ def diffusers_to_workdir(source: str, workdir: str) -> str:
 
     from ldm_jax.interop import diffusers as hf
     from ldm_jax.training import config as config_lib
-    from ldm_jax.training import autoencoder_stage, ldm_stage
+    from ldm_jax.training import autoencoder_stage, ldm_stage, run_record
     from ldm_jax.training.checkpoint import StageCheckpoints
     from ldm_jax.training.state import TrainState
 
@@ -117,6 +117,8 @@ def diffusers_to_workdir(source: str, workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"{workdir} already holds checkpoints; import into a new workdir")
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        raise ValueError(f"{workdir} already holds a run's config.json; import into a new workdir")
     c = hf.load_diffusers_dir(source)
     if c.unet.in_channels != c.vae.latent_channels:
         raise ValueError(f"{source}: its UNet takes {c.unet.in_channels} channels, its VAE's latents have "
@@ -139,8 +141,7 @@ def diffusers_to_workdir(source: str, workdir: str) -> str:
         raise ValueError(f"{source}: the imported UNet does not fit the config written for it")
 
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    run_record.write_config(workdir, config)  # versioned, as the training loop stores it
     with open(os.path.join(workdir, "config.py"), "w", encoding="utf-8") as f:
         f.write(_CONFIG_PY.format(workdir=workdir))
     ckpt = StageCheckpoints(workdir, "ldm")
@@ -174,22 +175,26 @@ def pipeline_components(pipe):
 
 
 def workdir_to_diffusers(workdir: str, out: str, step: int | None = None, ema: bool = True) -> str:
-    """Export a run as a diffusers folder (see the module docstring); returns its path."""
+    """Export a run as a diffusers folder (see the module docstring); returns its path. `out`
+    must be new or empty: an export never writes over other files."""
     from ldm_jax.interop import diffusers as hf
     from ldm_jax.pipeline import LatentDiffusionPipeline
 
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise ValueError(f"--to_diffusers {out} already exists and is not an empty folder; export into a new folder")
     pipe = LatentDiffusionPipeline.from_workdir(workdir, step=step, ema=ema)
     return str(hf.export_diffusers_dir(out, pipeline_components(pipe)))
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # orbax and jax log every step at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     importing = bool(FLAGS.from_diffusers or FLAGS.to_workdir)
     exporting = bool(FLAGS.workdir or FLAGS.to_diffusers)
     try:
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments: {' '.join(argv[1:])} (every input is a flag)")
         if importing == exporting or (importing and not (FLAGS.from_diffusers and FLAGS.to_workdir)) or (
                 exporting and not (FLAGS.workdir and FLAGS.to_diffusers)):
             raise ValueError("give --from_diffusers DIR --to_workdir DIR2, or --workdir DIR --to_diffusers DIR2")

@@ -186,13 +186,19 @@ def load_experiment(path: str) -> Experiment:
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"ldm_jax_experiment_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any mistake in the file is the user's to fix, named
+        raise ValueError(f"experiment file {path} does not import ({type(e).__name__}: {e})") from None
     for attr in ("BASE", "sweep"):
         if not hasattr(module, attr):
             raise ValueError(f"experiment file {path} defines no {attr} (needs BASE = 'configs/...' and sweep())")
     if not module.__doc__:
         raise ValueError(f"experiment file {path} has no docstring (the question and the expected cost)")
-    sweep = module.sweep()
+    try:
+        sweep = module.sweep()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: sweep() failed ({type(e).__name__}: {e})") from None
     if not isinstance(sweep, Sweep):
         raise ValueError(f"{path}: sweep() must return ldm_jax.experiments.Sweep, got {type(sweep).__name__}")
     return Experiment(name=name, path=path, question=module.__doc__.strip(), base=resolve_base(module.BASE, path),

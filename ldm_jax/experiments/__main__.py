@@ -28,6 +28,16 @@ def _parse_set(text: str) -> tuple[str, object]:
         return key.strip(), value.strip()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs takes a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_jax.experiments", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +45,7 @@ def main(argv=None) -> int:
     p_run = sub.add_parser("run", help="train and evaluate every point of an experiment")
     p_run.add_argument("experiment", help="an experiments/<name>.py file")
     p_run.add_argument("--root", required=True, help="the folder of the experiment's workdirs (e.g. runs/<name>)")
-    p_run.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
+    p_run.add_argument("--jobs", type=_positive_int, default=1, help="training runs at a time (default 1)")
     p_run.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
     p_run.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
                        help="a config override for every point (repeatable)")
@@ -61,7 +71,7 @@ def main(argv=None) -> int:
         runner.write_experiment_record(experiment, args.root, sets)
         outcome = runner.run(jobs, args.jobs)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     if outcome["failed"]:
         print(f"error: {len(outcome['failed'])} runs failed: {', '.join(outcome['failed'])}", file=sys.stderr)

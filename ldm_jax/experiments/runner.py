@@ -102,6 +102,7 @@ def plan(experiment: Experiment, root: str, sets: dict | None = None) -> list[Jo
     from ldm_jax.evaluation.runner import METRICS
 
     sweep, root = experiment.sweep, os.path.abspath(os.path.expanduser(root))
+    _check_root(experiment, root)
     unknown = [m for m in sweep.metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"{experiment.path}: unknown metrics {unknown}; known: {', '.join(METRICS)}")
@@ -138,6 +139,27 @@ def plan(experiment: Experiment, root: str, sets: dict | None = None) -> list[Jo
     return out
 
 
+def _check_root(experiment: Experiment, root: str) -> None:
+    """`root` is new, empty, or this experiment's own root: never a training run's workdir or
+    another experiment's root, whose files a run would write among."""
+    if not os.path.exists(root):
+        return
+    if not os.path.isdir(root):
+        raise ValueError(f"--root {root} is a file, not a folder")
+    if os.path.exists(os.path.join(root, "config.json")):
+        raise ValueError(f"--root {root} is a training run's workdir (it has config.json); an experiment root "
+                         "holds one workdir per point: give a new folder")
+    record = os.path.join(root, "experiment.json")
+    if os.path.exists(record):
+        try:
+            with open(record, encoding="utf-8") as f:
+                name = json.load(f).get("name")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{record} cannot be read ({type(e).__name__}: {e}); is {root} an experiment root?") from None
+        if name != experiment.name:
+            raise ValueError(f"--root {root} holds experiment {name!r}, not {experiment.name!r}: give a new folder")
+
+
 def _config(experiment: Experiment, overrides: dict, name: str):
     from ldm_jax.training import config as config_lib
 
@@ -157,8 +179,11 @@ def _check_spec(job: Job) -> None:
     path = os.path.join(job.experiment_dir, "spec.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        stored = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); move {job.workdir} away to retrain it") from None
     if stored != _spec(job):
         raise ValueError(f"{job.workdir} was trained with {stored}, not with this plan's {_spec(job)}; "
                          "use another --root, or move that workdir away to retrain it")

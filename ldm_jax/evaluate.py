@@ -63,13 +63,22 @@ def options_from_flags():
                        diversity_samples=FLAGS.diversity_samples, progress=FLAGS.progress)
 
 
+def _sweep_steps(values) -> list[int]:
+    try:
+        return [int(n) for n in values]
+    except ValueError:
+        raise ValueError(f"--sweep_steps must be comma-separated positive integers, got {','.join(values)}") from None
+
+
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     from ldm_jax.evaluation import runner
     from ldm_jax.training.loop import enable_compilation_cache
 
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])} (every input is a flag, e.g. --metrics)",
+              file=sys.stderr)
+        return 1
     if not FLAGS.workdir:
         print("error: --workdir is required", file=sys.stderr)
         return 1
@@ -78,14 +87,14 @@ def main(argv) -> int:
         if FLAGS.sweep_samplers or FLAGS.sweep_steps:
             if not (FLAGS.sweep_samplers and FLAGS.sweep_steps) or len(FLAGS.metrics) != 1:
                 raise ValueError("a steps sweep needs --sweep_samplers, --sweep_steps and exactly one --metrics")
-            steps = [int(n) for n in FLAGS.sweep_steps]
+            steps = _sweep_steps(FLAGS.sweep_steps)
             table = runner.steps_sweep(FLAGS.workdir, FLAGS.metrics[0], FLAGS.sweep_samplers, steps, options_from_flags())
             for name, row in table.items():
                 print(name, " ".join(f"{n}:{v:.4g}" for n, v in row.items()))
             return 0
         results = runner.evaluate(FLAGS.workdir, FLAGS.metrics, options_from_flags())
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     for name, record in results.items():
         print(f"{name} ({record['wall_s']:.0f} s): {runner.headline(name, record['result'])}")

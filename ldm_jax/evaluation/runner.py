@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import time
 from typing import Callable, Sequence
@@ -71,10 +72,32 @@ class EvalOptions:
     diversity_samples: int = 4
 
 
+def check_options(options: EvalOptions) -> None:
+    """ValueError naming the first option out of range (before any model or data is loaded)."""
+    o = options
+    for name in ("num_samples", "batch_size", "bpd_examples", "bpd_batch_size", "diversity_samples"):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+    if o.num_steps is not None and (isinstance(o.num_steps, bool) or not isinstance(o.num_steps, numbers.Integral)
+                                    or o.num_steps < 1):
+        raise ValueError(f"--steps must be a positive integer, got {o.num_steps!r}")
+    if o.sampler is not None and o.sampler not in samplers.SAMPLERS:
+        raise ValueError(f"--sampler={o.sampler!r} is unknown; allowed: {', '.join(samplers.SAMPLERS)}")
+    if o.guidance is not None and not o.guidance >= 0:  # also refuses NaN
+        raise ValueError(f"--guidance must be >= 0, got {o.guidance}")
+    if o.spacing is not None and o.spacing not in samplers.SPACINGS:
+        raise ValueError(f"--spacing={o.spacing!r} is unknown; allowed: {', '.join(samplers.SPACINGS)}")
+    if o.splits is not None and (not o.splits or not all(isinstance(s, str) and s for s in o.splits)):
+        raise ValueError(f"--splits must name dataset splits (e.g. test,heldout), got {list(o.splits)}")
+
+
+
 class Run:
     """A workdir's config, its checkpoint step and (built on first use) its pipeline."""
 
     def __init__(self, workdir: str, options: EvalOptions):
+        check_options(options)
         self.workdir = os.path.abspath(os.path.expanduser(workdir))
         if not os.path.isdir(self.workdir):
             raise FileNotFoundError(f"workdir {self.workdir} does not exist")

@@ -10,13 +10,13 @@ count); captions must not be empty.
 Images (`.png .jpg .jpeg .webp .bmp .gif .tif .tiff`, any case) are read as 8-bit RGB by
 `ldm_jax.data.image_files` (upright by their EXIF orientation, 16-bit greys scaled, transparency
 composited onto white, any mode converted), resized so the shorter side is S (LANCZOS) and
-centre-cropped to S x S. JPEGs are decoded at reduced scale where
-that still leaves at least S pixels a side (`PIL.Image.draft`), which is much faster for photos.
+centre-cropped to S x S. JPEGs are decoded at reduced scale where that still leaves at least S
+pixels a side (`PIL.Image.draft`), which is much faster for photos.
 
 Unreadable files (truncated, empty, not an image whatever their name, over PIL's decompression
-limit, missing though listed in a captions table) are skipped, never aborting the build: every image is decoded before the split is
-drawn, so the splits hold readable images only. The skipped files, one `file<TAB>reason` a line,
-are written to `skipped.txt` next to the prepared data
+limit, missing though listed in a captions table) are skipped, never aborting the build: every
+image is decoded before the split is drawn, so the splits hold readable images only. The skipped
+files, one `file<TAB>reason` a line, are written to `skipped.txt` next to the prepared data
 (`<data_dir>/image_folder/<config>/<version>/skipped.txt`, empty when none; `REPORT_FILE`), and a
 warning gives the count.
 

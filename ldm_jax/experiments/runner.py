@@ -155,7 +155,8 @@ def _check_root(experiment: Experiment, root: str) -> None:
             with open(record, encoding="utf-8") as f:
                 name = json.load(f).get("name")
         except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"{record} cannot be read ({type(e).__name__}: {e}); is {root} an experiment root?") from None
+            raise ValueError(f"{record} cannot be read ({type(e).__name__}: {e}); "
+                             f"is {root} an experiment root?") from None
         if name != experiment.name:
             raise ValueError(f"--root {root} holds experiment {name!r}, not {experiment.name!r}: give a new folder")
 
@@ -183,7 +184,8 @@ def _check_spec(job: Job) -> None:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); move {job.workdir} away to retrain it") from None
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); "
+                         f"move {job.workdir} away to retrain it") from None
     if stored != _spec(job):
         raise ValueError(f"{job.workdir} was trained with {stored}, not with this plan's {_spec(job)}; "
                          "use another --root, or move that workdir away to retrain it")

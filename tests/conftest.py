@@ -42,8 +42,8 @@ def session_dir(variable: str, prefix: str) -> str:
 os.environ["LDM_JAX_COMPILATION_CACHE"] = session_dir("_LDM_JAX_TEST_CACHE", "ldm_jax_test_jax_cache_")
 # Likewise the evaluation networks' cache (LDM_JAX_CACHE: the digit classifier, the shapes feature
 # network), never the user's ~/.cache/ldm_jax: a network trained by one test file is read by the
-# others (its recipe is deterministic, its file written atomically, and no test asserts whether
-# this cache was warm). Tests of the cache itself pass a cache_dir of their own.
+# others (its recipe is deterministic, its file written atomically, and no test depends on which
+# test trained it first). Tests of the cache's behaviour pass a cache_dir of their own.
 os.environ["LDM_JAX_CACHE"] = session_dir("_LDM_JAX_TEST_NETWORKS", "ldm_jax_test_networks_")
 
 import jax  # noqa: E402

@@ -95,10 +95,9 @@ def verify(folder: str) -> None:
                                          f"{size} were saved (truncated)")
 
 
-def set_aside_damaged(directory: str) -> list[int]:
-    """Move the damaged steps newer than the newest complete one to `<step>.damaged` (with a
-    warning naming each); the steps left are complete. Raise DamagedCheckpointError when steps
-    exist but none is complete (then nothing is moved). Returns the steps moved."""
+def damaged_newest(directory: str) -> list[tuple[int, str]]:
+    """(step, why) of the damaged steps newer than the newest complete one, newest first. Raise
+    DamagedCheckpointError when steps exist but none is complete."""
     steps = step_folders(directory)
     damaged = []
     for step in reversed(steps):
@@ -113,6 +112,14 @@ def set_aside_damaged(directory: str) -> list[int]:
             raise DamagedCheckpointError(
                 "no complete checkpoint is left: " + "; ".join(why for _, why in damaged)
                 + f". Nothing was changed; to start the stage over, move {directory} aside")
+    return damaged
+
+
+def set_aside_damaged(directory: str) -> list[int]:
+    """Move the damaged steps newer than the newest complete one to `<step>.damaged` (with a
+    warning naming each); the steps left are complete. Raise DamagedCheckpointError when steps
+    exist but none is complete (then nothing is moved). Returns the steps moved."""
+    damaged = damaged_newest(directory)
     for step, why in damaged:
         target = os.path.join(directory, f"{step}.damaged")
         suffix = 1

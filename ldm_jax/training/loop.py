@@ -28,7 +28,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.evaluation import shapes as shapes_checker
 from ldm_jax.training import autoencoder_stage, ldm_stage, run_record, sharding
 from ldm_jax.training import config as config_lib
-from ldm_jax.training.checkpoint import StageCheckpoints, step_folders
+from ldm_jax.training.checkpoint import StageCheckpoints, damaged_newest, step_folders
 from ldm_jax.training.writer import MetricWriter, image_grid, save_png
 from ldm_jax.training.xla_options import compiler_options
 
@@ -400,12 +400,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise run_record.RunConfigError(f"workdir {workdir} holds checkpoints but no config.json: its config is lost, "
                                         "so it cannot be resumed safely; use another --workdir")
+    for stage in ("autoencoder", "ldm"):  # a stage with checkpoints but none complete cannot resume
+        damaged_newest(os.path.join(workdir, "checkpoints", stage))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     for name, d in (("data", config.data), ("autoencoder", config.autoencoder)):
         if d.batch_size % mesh.devices.size:
             raise ValueError(f"{name}.batch_size={d.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
     enable_compilation_cache()
+    created = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
+    before = _files(workdir)
     lock = run_record.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         if jax.process_index() == 0:
@@ -417,7 +421,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.info("%s: every stage has trained and been evaluated; nothing to do", workdir)
             return {"workdir": workdir, "status": "done",
                     **({"step": int(config.train.steps)} if "ldm" in config.stages else {})}
-        return _train_stages(config, workdir, mesh)
+        try:
+            return _train_stages(config, workdir, mesh)
+        except Exception:
+            if not resuming and jax.process_index() == 0 and not any(
+                    checkpoint_steps(workdir, stage) for stage in ("autoencoder", "ldm")):
+                _remove_new_files(workdir, before, created)  # a first start that failed leaves no run behind
+            raise
+
+
+def _files(folder: str) -> set[str]:
+    """Every file and folder under `folder`."""
+    return {os.path.join(root, name) for root, dirs, names in os.walk(folder) for name in dirs + names}
+
+
+def _remove_new_files(workdir: str, before: set[str], created: bool) -> None:
+    """Remove what this start wrote (its config.json, logs, empty checkpoint folders) so that
+    the same workdir can start again with a corrected config; the lock file last."""
+    new = sorted(_files(workdir) - before, key=len, reverse=True)  # deepest first
+    for path in new:
+        if os.path.isfile(path) and os.path.basename(path) != run_record.LOCK_FILE:
+            os.remove(path)
+    for path in new:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    if run_record.LOCK_FILE not in {os.path.basename(p) for p in before}:
+        os.remove(os.path.join(workdir, run_record.LOCK_FILE))
+    if created and not os.listdir(workdir):
+        os.rmdir(workdir)
 
 
 def _finished(config, workdir: str) -> bool:

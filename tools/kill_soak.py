@@ -272,8 +272,16 @@ def main(argv=None) -> int:
     for p in report["problems"]:
         print("problem:", p)
     if args.json:
+        import platform
+
+        import jax
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        record = {"command": " ".join([sys.executable, *sys.argv]), "commit": commit.stdout.strip(),
+                  "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                  "versions": {"jax": jax.__version__, "python": platform.python_version()}, **report}
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(record, f, indent=1)
     return 0 if report["bitwise_equal"] else 1
 
 

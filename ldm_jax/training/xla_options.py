@@ -3,12 +3,12 @@
 On CPU, XLA (jaxlib 0.10) hands whole fusions, elementwise and reductions included, to the
 YNNPACK library; each such call has a fixed cost that dominates on the small tensors of a small
 model. Restricting the library to individual convolutions and dots, and leaving the rest to XLA's
-own fused loops, measured on configs/base.py's steps on a 2-core CPU (median, interleaved in one
-process): LDM step 295 -> 268 ms, autoencoder step 184 -> 159 ms. Giving YNNPACK the dots only (convolutions to XLA's Eigen kernels) is faster again (A/B: LDM step
-250 -> 231 ms, autoencoder step 142 -> 125 ms, benchmarks/train_step.py's small UNet step
-459 -> 401 ms) but not adopted yet: its different rounding moved configs/base.py's fixed-step
-result from 90.6% to 86.7% test prompt accuracy, so adopting it means re-tuning the base
-config's steps and measuring again.
+own fused loops, made configs/base.py's LDM and autoencoder steps faster on a 2-core CPU (an
+interleaved A/B in one process; its timings were not kept: `benchmarks/train_step.py` measures
+the step as it is now). Giving YNNPACK the dots only (convolutions to XLA's Eigen kernels) was
+faster again but is not adopted: its different rounding moved configs/base.py's fixed-step
+prompt accuracy down by several points, so adopting it means re-tuning the base config's steps
+and measuring again.
 Other backends get no options.
 """
 from __future__ import annotations

@@ -317,9 +317,10 @@ def make_unet_train_step(config, unet):
     optimiser, losses.make_loss_fn, state.apply_gradients: clipping, AdamW, EMA, the non-finite
     skip) without the frozen autoencoder and text encoder, so that diffusers can do the same work.
 
-    The loss is plain eps-MSE (DDPM eq. 14, `weighting="none"`): the reference training script's
-    default. `batch = {"latents": [B, h, w, c], "context": [B, L, D]}`; `state.params = {"unet": ...}`.
-    Jit it with `donate_argnums=0`, as the training loop does.
+    The loss is plain eps-MSE (DDPM eq. 14, `weighting="none"`, whatever the config's weighting):
+    the reference training script's default. t and the noise are `unet_step_draws(config, state,
+    latents)`. `batch = {"latents": [B, h, w, c], "context": [B, L, D]}`; `state.params = {"unet":
+    ...}`. Jit it with `donate_argnums=0`, as the training loop does.
     """
     import jax
     import jax.numpy as jnp
@@ -332,15 +333,11 @@ def make_unet_train_step(config, unet):
     schedule = ldm_stage.schedule_from_config(d)
     loss_fn = losses.make_loss_fn(schedule, objective="simple", prediction=d.prediction, variance=d.variance,
                                   weighting="none")
-    ts_sampler = ldm_stage.make_timestep_sampler(config)
     tx = ldm_stage.make_optimizer(config)
 
     def train_step(state, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        k_t, k_noise = jax.random.split(rng)
         z0 = batch["latents"]
-        t, weights = ts_sampler.sample(state.extra["timesteps"], k_t, z0.shape[0])
-        noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+        t, weights, noise = unet_step_draws(config, state, z0)
 
         def objective(params):
             model_fn = lambda x, tt: unet.apply({"params": params["unet"]}, x, tt, batch["context"])  # noqa: E731
@@ -351,6 +348,20 @@ def make_unet_train_step(config, unet):
         return state, {"loss": loss, **info}
 
     return train_step
+
+
+def unet_step_draws(config, state, latents):
+    """(t [B] int32, loss weights [B], noise shaped like `latents`): what `make_unet_train_step` draws
+    at `state`, from `fold_in(state.rng, state.step)` split into a t and a noise stream. Callable
+    outside jit as well (the same bits), so that a reference can be handed a step's exact draws."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.training import ldm_stage
+
+    k_t, k_noise = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    t, weights = ldm_stage.make_timestep_sampler(config).sample(state.extra["timesteps"], k_t, latents.shape[0])
+    return t, weights, jax.random.normal(k_noise, latents.shape, jnp.float32)
 
 
 def init_unet_train_state(config, unet, params, seed: int = 1):

@@ -4,15 +4,37 @@
 
 Both sides train the same UNet architecture (diffusers' `UNet2DConditionModel` is built from our
 config through `interop.unet_weights.unet_config_from_kwargs`; the parameter counts are checked
-equal) on the same batch shape, and do the same work per step: draw t and the noise, noise the
-latents, UNet forward, eps-MSE, backward, clip the global gradient norm, AdamW, EMA update.
+equal) from the same weights on the same batch, and do the same work per step: draw t (uniform)
+and the noise, noise the latents, UNet forward, eps-MSE, backward, clip the global gradient norm,
+AdamW at the config's learning-rate schedule (linear warm-up from 0), EMA update.
+
+The loss is plain eps-MSE on both sides, also where the config trains with min-SNR weighting
+(configs/base.py, so tiny and small): it is the reference script's default (`--snr_gamma` unset),
+min-SNR's per-example weights cost nothing measurable next to the UNet, and with every weight 1
+the parity check below proves the whole loss whatever t the steps draw (a min-SNR weight differs
+from 1 only where SNR(t) > gamma = 5: t < 147 of 1000 here, one draw in seven; the smoke test's
+six seeded draws all miss it).
+
+Parity, before anything is timed: the ldm_jax worker writes its random UNet parameters in
+diffusers' layout (`interop.mapping.state_dict_from_params`, a safetensors file), its batch and
+the t and noise its first `PARITY_STEPS` steps draw (`common.unet_step_draws`) to a temporary
+folder; the diffusers worker loads them (`load_state_dict(strict=True)`) and its first steps use
+those draws. Each side reports those steps' losses and gradient norms before clipping
+(`parity_loss`, `parity_grad_norm`: lists); the third step's loss is taken after an update at
+lr / warmup_steps, so the optimiser and its schedule are proven too. A row records the largest
+relative differences (`parity_rel_diff`); one above `PARITY_RTOL` fails the size, as unequal
+parameter counts do: the two sides would not compute the same thing and the timing would mean
+nothing. (After the parity steps each side draws its own t and noise, so the last `loss` of the
+two sides differs by the draws.)
 
 * ldm_jax: `common.make_unet_train_step`, the training code's own parts (ldm_stage's optimiser and
   timestep sampler, `losses.make_loss_fn`, `state.apply_gradients` with its non-finite skip) minus
   the frozen autoencoder and text encoder, which diffusers' reference script also runs outside
   the measured work (latents and text context are given); jitted with the state donated.
 * diffusers: what examples/text_to_image/train_text_to_image.py does per step: `torch.optim.AdamW`
-  with the config's hyper-parameters, `clip_grad_norm_`, `EMAModel(foreach=True)`.
+  with the config's hyper-parameters, `clip_grad_norm_`, the `get_scheduler` learning-rate
+  schedule, `EMAModel(foreach=True)`. Run alone (`--sides diffusers`) it starts from PyTorch's own
+  initialisation and checks no parity.
 
 The sizes are `common.size_config`: tiny = configs/base.py's UNet (1.8M parameters), batch 64,
 8x8x4 latents; small = widths (64, 128, 128) (7.0M), 16x16 latents, batch 16; sd15 =
@@ -45,6 +67,13 @@ from benchmarks import common  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; make sure nothing tries
 
 SIDES = ("ldm_jax", "diffusers")
+# The first steps both sides take on the same draws. Three, so that the last one's loss also proves
+# an update: the warm-up's learning rate is 0 at step 0 and lr / warmup_steps at step 1.
+PARITY_STEPS = 3
+# Largest relative difference of the parity steps' losses and gradient norms that still counts as
+# the same computation: float32 sums in different orders (micro measures ~1e-7; see the test).
+PARITY_RTOL = 1e-4
+PARITY_WEIGHTS, PARITY_ARRAYS = "unet.safetensors", "inputs.npz"  # in the spec's parity_dir
 
 
 def _threads() -> int:
@@ -77,80 +106,133 @@ def jax_worker(spec: dict) -> dict:
     compile_s = time.perf_counter() - start
     params = common.random_params(abstract)
     n_params = common.param_count(params)
+    parity_dir = spec.get("parity_dir")
+    if parity_dir:  # written before the state exists, so that the converted copy adds no peak RSS
+        _write_parity_weights(params, parity_dir)
     state = common.init_unet_train_state(config, unet, params)
     del params  # the host copy (3.4 GB at sd15 size): the state holds the device's
-    times = []
-    for _ in range(spec["warmup"] + spec["steps"]):
+    n_parity = min(PARITY_STEPS, spec["warmup"] + spec["steps"])
+    if parity_dir:  # the t and noise the first steps will draw (uniform t: the sampler keeps no state)
+        draws = [common.unet_step_draws(config, state.replace(step=state.step + k), batch["latents"])
+                 for k in range(n_parity)]
+        np.savez(os.path.join(parity_dir, PARITY_ARRAYS), latents=np.asarray(batch["latents"]),
+                 context=np.asarray(batch["context"]), t=np.stack([np.asarray(t) for t, _, _ in draws]),
+                 noise=np.stack([np.asarray(noise) for _, _, noise in draws]))
+    times, parity = [], []
+    for i in range(spec["warmup"] + spec["steps"]):
         start = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+        if i < n_parity:
+            parity.append(metrics)  # read after the timing
     return dict(step_s=common.median(times[spec["warmup"]:]), step_s_all=times[spec["warmup"]:], compile_s=compile_s,
                 batch=b, unet_params=n_params, loss=float(metrics["loss"]), finite=bool(metrics["finite"]),
+                parity_loss=[float(m["loss"]) for m in parity],
+                parity_grad_norm=[float(m["grad_norm"]) for m in parity],
                 compiled_flops=common.cost_flops(step), backend=jax.default_backend())
+
+
+def _write_parity_weights(params, folder: str) -> None:
+    """Our UNet parameters in diffusers' layout and keys, as the safetensors file the diffusers
+    worker loads (the tree comes from the UNet's own shapes, so every key is diffusers')."""
+    from safetensors.numpy import save_file
+
+    from ldm_jax.interop import mapping
+
+    save_file(mapping.state_dict_from_params(params), os.path.join(folder, PARITY_WEIGHTS))
 
 
 def torch_worker(spec: dict) -> dict:
     """One size's diffusers step, as the reference training script does it. Everything about the
     size comes in `spec` (see `torch_spec`), so this process imports neither jax nor ldm_jax and
-    its peak RSS is PyTorch's alone."""
+    its peak RSS is PyTorch's alone. With `spec["parity_dir"]` it starts from the weights and
+    batch the ldm_jax worker wrote there, and its first steps use that worker's t and noise."""
+    import math
+
     import diffusers
+    import numpy as np
     import torch
     import torch.nn.functional as F
+    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
 
     torch.set_num_threads(_threads())
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel.from_config(spec["unet_config"])
+    parity_dir = spec.get("parity_dir")
+    if parity_dir:  # before the optimiser and the EMA copy the parameters
+        unet.load_state_dict(load_file(os.path.join(parity_dir, PARITY_WEIGHTS)), strict=True)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     o = spec["optim"]
     optimizer = torch.optim.AdamW(params, lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"],
                                   weight_decay=o["weight_decay"])
+    # diffusers' schedules with these names are ours (optim.learning_rate_schedule): linear warm-up
+    # from 0, then constant or cosine to 0 at the run's last step.
+    lr_scheduler = get_scheduler({"constant": "constant_with_warmup", "cosine": "cosine"}[o["schedule"]], optimizer,
+                                 num_warmup_steps=o["warmup_steps"], num_training_steps=o["total_steps"])
     ema = EMAModel(params, decay=o["ema_decay"], foreach=True)
     alphas_cumprod = torch.tensor(spec["alphas_cumprod"], dtype=torch.float32)  # the same noise levels as ours
     (h, w, c), (length, width), b = spec["latents"], spec["context"], spec["batch"]
-    latents, context = torch.randn(b, c, h, w), torch.randn(b, length, width)
+    draws = []  # (noise, t) of the parity steps
+    if parity_dir:
+        with np.load(os.path.join(parity_dir, PARITY_ARRAYS)) as npz:
+            nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # noqa: E731 ours are NHWC
+            latents, context = nchw(npz["latents"]), torch.from_numpy(npz["context"])
+            draws = [(nchw(noise), torch.from_numpy(t).long()) for noise, t in zip(npz["noise"], npz["t"])]
+    else:
+        latents, context = torch.randn(b, c, h, w), torch.randn(b, length, width)
 
-    def step() -> float:
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, len(alphas_cumprod), (b,))
+    def step(given=None) -> tuple[float, torch.Tensor]:
+        noise, t = given or (torch.randn_like(latents), torch.randint(0, len(alphas_cumprod), (b,)))
         abar = alphas_cumprod[t].view(b, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        if o["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
+        # The norm before clipping, as ours reports it (with no clipping configured: a factor of 1).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o["grad_clip"] or math.inf)
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(params)
-        return loss.item()
+        return loss.item(), grad_norm
 
-    times = []
-    for _ in range(spec["warmup"] + spec["steps"]):
+    times, parity = [], []
+    for i in range(spec["warmup"] + spec["steps"]):
         start = time.perf_counter()
-        loss = step()
+        loss, grad_norm = step(draws[i] if i < len(draws) else None)
         times.append(time.perf_counter() - start)
+        if i < len(draws):
+            parity.append((loss, float(grad_norm)))
+    parity = dict(parity_loss=[p[0] for p in parity], parity_grad_norm=[p[1] for p in parity]) if parity_dir else {}
     return dict(step_s=common.median(times[spec["warmup"]:]), step_s_all=times[spec["warmup"]:], batch=b,
                 unet_params=sum(p.numel() for p in params),
-                loss=loss, threads=torch.get_num_threads())
+                loss=loss, threads=torch.get_num_threads(), **parity)
 
 
 def torch_spec(config) -> dict:
     """What `torch_worker` needs to know about a size: the diffusers UNet config translated from
     ours (`unet_weights.unet_config_from_kwargs`), the optimiser settings, the schedule's
-    alpha-bars and the shapes."""
+    alpha-bars and the shapes. ValueError for a diffusion setting that worker does not implement."""
     import numpy as np
 
     from ldm_jax.interop import unet_weights
     from ldm_jax.training import config as config_lib
     from ldm_jax.training import ldm_stage
 
-    o = config.optim
-    alphas_cumprod = ldm_stage.schedule_from_config(config.diffusion).alphas_cumprod
+    d, o = config.diffusion, config.optim
+    if ((d.prediction, d.timestep_sampler, d.variance) != ("eps", "uniform", "fixed_small") or config.unet.dropout
+            or o.grad_accum != 1):
+        raise ValueError("torch_worker implements eps prediction, uniform t, fixed variance, no dropout and no "
+                         f"gradient accumulation; got {d.prediction}, {d.timestep_sampler}, {d.variance}, dropout "
+                         f"{config.unet.dropout}, grad_accum {o.grad_accum}")
+    alphas_cumprod = ldm_stage.schedule_from_config(d).alphas_cumprod
     return {"unet_config": unet_weights.unet_config_from_kwargs(config_lib.unet_kwargs(config)),
-            "optim": {k: o[k] for k in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay")},
+            "optim": {**{k: o[k] for k in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay",
+                                           "warmup_steps", "schedule")}, "total_steps": config.train.steps},
             "alphas_cumprod": np.asarray(alphas_cumprod, np.float32).tolist(), "batch": config.data.batch_size,
             "latents": list(config_lib.latent_shape(config)), "context": list(common.context_shape(config))}
 
@@ -159,7 +241,10 @@ WORKERS = {"ldm_jax": jax_worker, "diffusers": torch_worker}
 
 
 def measure(sizes, sides, steps: int, warmup: int, batch: int | None) -> list[dict]:
-    """One row per size: each side's worker result (or {"error": ...}) and the time ratio."""
+    """One row per size: each side's worker result (or {"error": ...}), the parity check's relative
+    differences and the time ratio. RuntimeError when the two sides do not compute the same step."""
+    import tempfile
+
     from ldm_jax.training import config as config_lib
 
     rows = []
@@ -167,21 +252,34 @@ def measure(sizes, sides, steps: int, warmup: int, batch: int | None) -> list[di
         config = common.size_config(size, batch=batch)
         row = {"size": size, "batch": config.data.batch_size, "latents": list(config_lib.latent_shape(config)),
                "context": list(common.context_shape(config))}
-        for side in sides:
-            spec = {"side": side, "size": size, "batch": batch, "steps": steps, "warmup": warmup}
-            if side == "diffusers":
-                spec.update(torch_spec(config))
-            print(f"train_step: {size} / {side} ...", file=sys.stderr, flush=True)
-            try:
-                row[side] = common.run_worker(__file__, spec)
-            except RuntimeError as e:
-                print(f"train_step: {e}", file=sys.stderr)
-                row[side] = {"error": str(e)}
+        with tempfile.TemporaryDirectory(prefix="train_step_parity_") as parity_dir:
+            for side in (s for s in SIDES if s in sides):  # ldm_jax first: it writes the parity inputs
+                spec = {"side": side, "size": size, "batch": batch, "steps": steps, "warmup": warmup}
+                if side == "ldm_jax":
+                    spec["parity_dir"] = parity_dir
+                else:
+                    spec.update(torch_spec(config))
+                    if "error" not in row.get("ldm_jax", {"error": "not run"}):
+                        spec["parity_dir"] = parity_dir
+                print(f"train_step: {size} / {side} ...", file=sys.stderr, flush=True)
+                try:
+                    row[side] = common.run_worker(__file__, spec)
+                except RuntimeError as e:
+                    print(f"train_step: {e}", file=sys.stderr)
+                    row[side] = {"error": str(e)}
         ok = [row[s] for s in SIDES if s in row and "error" not in row[s]]
         if len(ok) == 2:
             if ok[0]["unet_params"] != ok[1]["unet_params"]:
                 raise RuntimeError(f"size {size}: the two UNets differ ({ok[0]['unet_params']} vs "
                                    f"{ok[1]['unet_params']} parameters); the comparison would be meaningless")
+            row["parity_rel_diff"] = {key: max(abs(a / b - 1.0) for a, b in zip(ok[0][f"parity_{key}"],
+                                                                                 ok[1][f"parity_{key}"]))
+                                      for key in ("loss", "grad_norm")}
+            if max(row["parity_rel_diff"].values()) > PARITY_RTOL:
+                raise RuntimeError(f"size {size}: from the same weights and inputs the two sides' first steps differ "
+                                   f"(relative differences {row['parity_rel_diff']}, more than {PARITY_RTOL}; losses "
+                                   f"{ok[0]['parity_loss']} vs {ok[1]['parity_loss']}): the comparison would be "
+                                   "meaningless")
             row["time_ratio"] = ok[0]["step_s"] / ok[1]["step_s"]
         rows.append(row)
     return rows
@@ -202,11 +300,12 @@ def table(rows) -> str:
         lines.append([r["size"], r["batch"], "x".join(map(str, r["latents"])), f"{n / 1e6:.2f}M" if n else None,
                       side(r, "ldm_jax", "step_s"), side(r, "diffusers", "step_s"), r.get("time_ratio"),
                       img_s(r, "ldm_jax"), img_s(r, "diffusers"), side(r, "ldm_jax", "peak_rss_mib"),
-                      side(r, "diffusers", "peak_rss_mib"), side(r, "ldm_jax", "compile_s")])
+                      side(r, "diffusers", "peak_rss_mib"), side(r, "ldm_jax", "compile_s"),
+                      (r.get("parity_rel_diff") or {}).get("loss")])
     return common.markdown_table(
         ["size", "batch", "latents", "UNet params", "ldm_jax step (s)", "diffusers step (s)",
          "ratio ldm_jax/diffusers", "ldm_jax img/s", "diffusers img/s", "ldm_jax peak RSS (MiB)",
-         "diffusers peak RSS (MiB)", "ldm_jax compile (s)"], lines)
+         "diffusers peak RSS (MiB)", "ldm_jax compile (s)", "parity: loss rel. diff"], lines)
 
 
 def main(argv=None) -> dict:

@@ -84,6 +84,10 @@ def worker(spec: dict) -> dict:
     enable_compilation_cache(spec["cache_dir"])
     import jax
 
+    # The training loop stores programs that took >= 1 s; --min_compile_time_s 0 stores every one,
+    # so that a warm read can be checked whatever this machine's speed.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", spec.get("min_compile_time_s", 1.0))
+
     from ldm_jax.training import ldm_stage
     from ldm_jax.training.xla_options import compiler_options
 
@@ -100,7 +104,7 @@ def worker(spec: dict) -> dict:
             "cache_files": sum(len(files) for _, _, files in os.walk(spec["cache_dir"]))}
 
 
-def measure(sizes, batch: int | None, dtype: str, remat: bool) -> list[dict]:
+def measure(sizes, batch: int | None, dtype: str, remat: bool, min_compile_time_s: float = 1.0) -> list[dict]:
     rows = []
     for size in sizes:
         config = common.size_config(size, batch=batch, dtype=dtype, remat=remat)
@@ -110,7 +114,7 @@ def measure(sizes, batch: int | None, dtype: str, remat: bool) -> list[dict]:
             for mode in MODES:  # cold fills the fresh folder, warm reads it
                 print(f"compile: {size} / {mode} ...", file=sys.stderr, flush=True)
                 spec = {"size": size, "batch": batch, "dtype": dtype, "remat": remat, "cache_dir": cache_dir,
-                        "mode": mode}
+                        "mode": mode, "min_compile_time_s": min_compile_time_s}
                 try:
                     row[mode] = common.run_worker(__file__, spec)
                 except RuntimeError as e:
@@ -142,6 +146,8 @@ def table(rows) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_step_flags(parser)
+    parser.add_argument("--min_compile_time_s", type=float, default=1.0,
+                        help="programs that compile faster are not cached (the training loop's 1.0; 0: all)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one process's compiles
     args = parser.parse_args(argv)
     if args.worker:
@@ -152,8 +158,9 @@ def main(argv=None) -> dict:
         sizes = common.sizes_and_batch(args)
     except ValueError as e:
         parser.error(str(e))
-    rows = measure(sizes, args.batch, args.dtype, args.remat)
-    settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat)
+    rows = measure(sizes, args.batch, args.dtype, args.remat, args.min_compile_time_s)
+    settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat,
+                    min_compile_time_s=args.min_compile_time_s)
     path = common.write_results("compile", rows, settings, args.out,
                                 command=common.command_line(__file__, argv))
     print(f"\nCompile times, {args.dtype}{', remat' if args.remat else ''}, persistent cache cold / warm; "

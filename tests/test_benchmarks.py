@@ -91,18 +91,17 @@ def test_sampling_smoke(tmp_path):
 
 
 def test_compile_smoke(tmp_path, cheap_xla):
-    compile_benchmark.main(["--sizes", "micro", "--out", str(tmp_path)])
+    # Every program is cached (--min_compile_time_s 0), so the warm process must read each one back
+    # however fast this machine compiles: a check of the cache, not of timings.
+    compile_benchmark.main(["--sizes", "micro", "--min_compile_time_s", "0", "--out", str(tmp_path)])
     (row,) = read(tmp_path / "compile.json")["rows"]
     assert row["size"] == "micro" and row["batch"] == 2
     cold, warm = row["cold"], row["warm"]
     for program in compile_benchmark.PROGRAMS:
         assert cold[program]["lower_s"] > 0 and cold[program]["compile_s"] > 0
         assert cold[program]["cache_hits"] == 0  # a fresh cache folder
-        # jax stores programs that took >= 1 s to compile; the warm process must then read them back.
-        if cold[program]["compile_s"] > 1.5:
-            assert warm[program]["cache_hits"] == 1
-            assert warm[program]["compile_s"] < cold[program]["compile_s"]
-    assert cold["cache_files"] >= 1
+        assert warm[program]["cache_hits"] == 1
+    assert cold["cache_files"] >= len(compile_benchmark.PROGRAMS)
 
 
 def test_memory_smoke(tmp_path):

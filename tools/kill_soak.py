@@ -38,6 +38,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_s", "step_time_s")
 
+# The tests' tiny config (tests/training/tiny.py: tiny_config with the one-level UNet), without
+# the latent table.
 CONFIG = '''"""The kill soak's tiny config (written by tools/kill_soak.py)."""
 import importlib.util
 
@@ -48,7 +50,7 @@ def get_config():
     c = module.get_config()
     c.data.data_dir = {data_dir!r}
     c.data.batch_size = 8
-    c.data.options = dict(image_size=32, train_size=600, test_size=200, heldout_size=120, seed=0)
+    c.data.options = dict(image_size=32, train_size=600, test_size=200, heldout_size=120)
     c.autoencoder.model = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
                                norm_num_groups=8, mid_block_add_attention=False)
     c.autoencoder.steps = {ae_steps}
@@ -60,23 +62,26 @@ def get_config():
                   up_block_types=("CrossAttnUpBlock2D",), num_attention_heads=2, cross_attention_dim=16,
                   norm_num_groups=8, dropout=0.0)
     c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
     c.sampler.num_steps = 3
     c.train.steps = {ldm_steps}
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.train.keep_checkpoints = 3
     c.train.sample_every = 1000
-    c.train.sample_prompts = ("a red circle on the left",)
+    c.train.cache_latents = False  # every start would encode the split again (seconds, under the tests' cheap XLA)
+    c.train.sample_prompts = ("a red circle on the left", "a blue square at the top")
     c.eval.splits = ()
     return c
 '''
 
 
-def write_config(root: str, ae_steps: int, ldm_steps: int) -> str:
+def write_config(root: str, ae_steps: int, ldm_steps: int, data_dir: str | None = None) -> str:
     path = os.path.join(root, "soak_config.py")
     with open(path, "w") as f:
-        f.write(CONFIG.format(base=os.path.join(ROOT, "configs", "base.py"), data_dir=os.path.join(root, "datasets"),
-                              ae_steps=ae_steps, ldm_steps=ldm_steps))
+        f.write(CONFIG.format(base=os.path.join(ROOT, "configs", "base.py"),
+                              data_dir=data_dir or os.path.join(root, "datasets"), ae_steps=ae_steps,
+                              ldm_steps=ldm_steps))
     return path
 
 
@@ -194,11 +199,12 @@ def compare_states(a: dict, b: dict) -> list[str]:
 
 
 def soak(root: str, kills: int, seed: int = 0, env: dict | None = None, ae_steps: int = 4, ldm_steps: int = 12,
-         timeout: float = 600.0) -> dict:
-    """Run the soak in `root` (see the module docstring); returns the report dict."""
+         timeout: float = 600.0, data_dir: str | None = None) -> dict:
+    """Run the soak in `root` (see the module docstring); returns the report dict. `data_dir`:
+    where the shapes build is (or goes; default `root`/datasets)."""
     os.makedirs(root, exist_ok=True)
     env = dict(env or os.environ)
-    config = write_config(root, ae_steps, ldm_steps)
+    config = write_config(root, ae_steps, ldm_steps, data_dir)
     reference, soaked = os.path.join(root, "reference"), os.path.join(root, "soaked")
     t0 = time.time()
     proc = start(config, reference, env, os.path.join(root, "reference.log"))

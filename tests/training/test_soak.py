@@ -18,9 +18,9 @@ def _kill_soak():
 
 
 @pytest.mark.slow
-def test_three_random_kills_lose_nothing_and_change_nothing(tmp_path):
+def test_three_random_kills_lose_nothing_and_change_nothing(tmp_path, shapes_dir):
     report = _kill_soak().soak(str(tmp_path), kills=3, seed=0, env=cheap_compilation_env(os.environ),
-                               ae_steps=4, ldm_steps=12)
+                               ae_steps=4, ldm_steps=12, data_dir=shapes_dir)
     assert report["kills"] == 3, report["events"]
     assert report["during_checkpoint_writes"] >= 1, report["events"]
     assert report["problems"] == [] and report["bitwise_equal"]

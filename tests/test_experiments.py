@@ -18,9 +18,15 @@ from ldm_jax.experiments import report as report_lib
 from ldm_jax.experiments import runner
 from tests.shared_runs import own_copy
 from tests.sizes import SMALL_SHAPES
-from tests.training.tiny import ROOT
+from tests.training.tiny import ROOT, cheap_compilation_env
 
 SWEEPS = ("objective", "schedule", "sampler", "prediction", "guidance")
+
+
+def _env() -> dict:
+    """The environment of the experiments command and the train / evaluate commands it runs: the
+    checkout importable, and the tests' cheap compilation (tests/training/tiny.py)."""
+    return cheap_compilation_env(dict(os.environ, PYTHONPATH=ROOT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path, monkeypatch):
         """, base="base.py")
     out = subprocess.run([sys.executable, "-m", "ldm_jax.experiments", "run", path, "--root", "runs/micro",
                           "--dry_run", "--set", "optim.lr=0.002"], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+                         env=_env())
     assert out.returncode == 0, out.stderr
     train = "python -m ldm_jax.train --config base.py --workdir"
     common = "--config.train.steps=7 --config.optim.lr=0.002"
@@ -132,7 +138,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path, monkeypatch):
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, body, message):
     path = write_experiment(str(tmp_path), body, base=os.path.join(ROOT, "configs", "base.py"))
     out = subprocess.run([sys.executable, "-m", "ldm_jax.experiments", "run", path, "--root", str(tmp_path / "r")],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                         capture_output=True, text=True, env=_env())
     assert out.returncode == 1 and out.stderr.startswith("error:") and message in out.stderr, out.stderr
     assert not os.path.exists(tmp_path / "r")
 
@@ -235,7 +241,7 @@ def micro(shapes_dir, tmp_path_factory):
     def run(root):
         """`run` of the sweep into `root` (the module's, which the tests only read, or a copy)."""
         return subprocess.run([sys.executable, "-m", "ldm_jax.experiments", "run", path, "--root", root],
-                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=folder)
+                              capture_output=True, text=True, env=_env(), cwd=folder)
 
     first = run(root)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -294,7 +300,7 @@ def test_micro_sweep_skips_complete_points_and_resumes_interrupted_ones(micro, t
 def test_micro_sweep_report_and_mismatched_rerun(micro, tmp_path):
     root, _, _ = micro
     out = subprocess.run([sys.executable, "-m", "ldm_jax.experiments", "report", root, "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                         capture_output=True, text=True, env=_env())
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "micro.csv") as f:
         rows = list(csv.DictReader(f))

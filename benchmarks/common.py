@@ -60,7 +60,7 @@ def size_config(name: str, *, batch: int | None = None, image_size: int | None =
     `overrides` are `key=value` strings as on the training command line
     (`unet.attention_implementation='cudnn'`).
     """
-    from ldm_jax.training import config as config_lib
+    from ldm_jax import config as config_lib
 
     if name not in SIZES:
         raise ValueError(f"unknown benchmark size {name!r}; allowed: {', '.join(SIZES)}")
@@ -333,7 +333,7 @@ def make_unet_train_step(config, unet):
     schedule = ldm_stage.schedule_from_config(d)
     loss_fn = losses.make_loss_fn(schedule, objective="simple", prediction=d.prediction, variance=d.variance,
                                   weighting="none")
-    tx = ldm_stage.make_optimizer(config)
+    tx = ldm_stage.optimizer_from_config(config)
 
     def train_step(state, batch):
         z0 = batch["latents"]
@@ -374,7 +374,7 @@ def init_unet_train_state(config, unet, params, seed: int = 1):
 
     extra = {"timesteps": ldm_stage.make_timestep_sampler(config).init()}
     # The loop's update path: one raveled vector unless the parameters are fsdp-sharded (sd15).
-    return TrainState.create({"unet": jax.device_put(params)}, ldm_stage.make_optimizer(config),
+    return TrainState.create({"unet": jax.device_put(params)}, ldm_stage.optimizer_from_config(config),
                              jax.random.PRNGKey(seed), extra=extra, flat=autoencoder_stage.flat_update(config))
 
 
@@ -399,7 +399,7 @@ def unet_forward_s(unet, params, batch: int, latent_shape, context: tuple[int, i
     import jax
     import numpy as np
 
-    from ldm_jax.training.xla_options import compiler_options
+    from ldm_jax.runtime.xla_options import compiler_options
 
     rng = np.random.default_rng(1)
     forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), compiler_options=compiler_options())

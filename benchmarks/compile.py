@@ -18,7 +18,7 @@ initialised or run: what is timed is `jitted.lower(...)` (tracing and lowering t
 
 Each size runs twice, each time in a fresh process: "cold" with a new, empty cache folder, then
 "warm" with the same folder, which the cold run filled. The cache is set up by the loop's own
-`ldm_jax.training.loop.enable_compilation_cache(path)`, so only programs that took at least 1 s
+`ldm_jax.runtime.compilation_cache.enable_compilation_cache(path)`, so only programs that took at least 1 s
 to compile are stored (the "warm cache hits" column says whether the warm run found them).
 Sizes are `common.size_config` (float32, no remat unless `--dtype bfloat16 --remat`, as
 configs/sd15.py trains).
@@ -57,7 +57,7 @@ def abstract_inputs(config, models):
     ae_state = jax.eval_shape(lambda k: autoencoder_stage.init_state(config, k), key)
     frozen = {"autoencoder": ae_state.params["autoencoder"], "scale": jax.ShapeDtypeStruct((), jnp.float32)}
     length = config.text_encoder.max_length
-    if models.conditioning == "text" and not models.train_text_encoder:  # sd15: CLIP frozen, loaded from a folder
+    if models.text_encoder is not None and not models.train_text_encoder:  # sd15: CLIP frozen, loaded from a folder
         ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
         frozen["text_encoder"] = jax.eval_shape(models.text_encoder.init, key, ids)["params"]
     b, size = config.data.batch_size, config.data.image_size
@@ -79,7 +79,7 @@ def time_compile(jitted, args, events: collections.Counter) -> dict:
 
 def worker(spec: dict) -> dict:
     """Compile both programs of one size with the persistent cache in spec["cache_dir"]."""
-    from ldm_jax.training.loop import enable_compilation_cache
+    from ldm_jax.runtime.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(spec["cache_dir"])
     import jax
@@ -88,8 +88,8 @@ def worker(spec: dict) -> dict:
     # so that a warm read can be checked whatever this machine's speed.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", spec.get("min_compile_time_s", 1.0))
 
+    from ldm_jax.runtime.xla_options import compiler_options
     from ldm_jax.training import ldm_stage
-    from ldm_jax.training.xla_options import compiler_options
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kwargs: events.update([event]))

@@ -122,8 +122,8 @@ def train_worker(spec: dict) -> dict:
     import jax
     import numpy as np
 
+    from ldm_jax import config as config_lib
     from ldm_jax.models.unet import UNet
-    from ldm_jax.training import config as config_lib
 
     def run(attention):
         config = _config(spec, attention, batch=spec["batch"])
@@ -168,12 +168,12 @@ def sample_worker(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from ldm_jax import config as config_lib
     from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer
     from ldm_jax.models.unet import UNet
     from ldm_jax.pipeline import LatentDiffusionPipeline, SamplerDefaults
+    from ldm_jax.runs.workdir import workdir_schedule
     from ldm_jax.training import autoencoder_stage
-    from ldm_jax.training import config as config_lib
-    from ldm_jax.workdir import workdir_schedule
 
     def run(attention):
         config = _config(spec, attention)

@@ -47,11 +47,11 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from ldm_jax import config as config_lib
     from ldm_jax.models.unet import UNet
+    from ldm_jax.runtime.xla_options import compiler_options
     from ldm_jax.training import autoencoder_stage, ldm_stage
-    from ldm_jax.training import config as config_lib
     from ldm_jax.training.state import TrainState
-    from ldm_jax.training.xla_options import compiler_options
 
     config = common.size_config(size, batch=batch, dtype=dtype, remat=remat)
     unet = UNet(**config_lib.unet_kwargs(config))
@@ -59,7 +59,7 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool) -> dict:
     abstract = common.unet_param_shapes(unet, latent, context)
     flat = autoencoder_stage.flat_update(config)
     extra = {"timesteps": ldm_stage.make_timestep_sampler(config).init()}
-    state = jax.eval_shape(lambda p: TrainState.create({"unet": p}, ldm_stage.make_optimizer(config),
+    state = jax.eval_shape(lambda p: TrainState.create({"unet": p}, ldm_stage.optimizer_from_config(config),
                                                        jax.random.PRNGKey(1), extra=extra, flat=flat), abstract)
     b = config.data.batch_size
     batch_shapes = {"latents": jax.ShapeDtypeStruct((b, *latent), jnp.float32),

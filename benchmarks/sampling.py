@@ -66,11 +66,11 @@ def build_reference(config, folder: str, seed: int = 0):
     import torch
     import transformers
 
+    from ldm_jax import config as config_lib
     from ldm_jax.interop import clip_weights, unet_weights, vae_weights
     from ldm_jax.interop.diffusers import module_kwargs
     from ldm_jax.models.text_encoder import make_tokenizer
     from ldm_jax.training import autoencoder_stage
-    from ldm_jax.training import config as config_lib
 
     torch.manual_seed(seed)
     unet_config = unet_weights.unet_config_from_kwargs(config_lib.unet_kwargs(config))
@@ -131,8 +131,8 @@ def measure_size(size: str, samplers, num_steps, batch: int | None, guidance: fl
     import numpy as np
     import torch
 
+    from ldm_jax import config as config_lib
     from ldm_jax.pipeline import LatentDiffusionPipeline
-    from ldm_jax.training import config as config_lib
 
     config = common.size_config(size)
     batch = batch or SAMPLING_BATCH[size]

@@ -85,9 +85,9 @@ def jax_worker(spec: dict) -> dict:
     import jax
     import numpy as np
 
+    from ldm_jax import config as config_lib
     from ldm_jax.models.unet import UNet
-    from ldm_jax.training import config as config_lib
-    from ldm_jax.training.xla_options import compiler_options
+    from ldm_jax.runtime.xla_options import compiler_options
 
     config = common.size_config(spec["size"], batch=spec.get("batch"))
     unet = UNet(**config_lib.unet_kwargs(config))
@@ -219,8 +219,8 @@ def torch_spec(config) -> dict:
     alpha-bars and the shapes. ValueError for a diffusion setting that worker does not implement."""
     import numpy as np
 
+    from ldm_jax import config as config_lib
     from ldm_jax.interop import unet_weights
-    from ldm_jax.training import config as config_lib
     from ldm_jax.training import ldm_stage
 
     d, o = config.diffusion, config.optim
@@ -245,7 +245,7 @@ def measure(sizes, sides, steps: int, warmup: int, batch: int | None) -> list[di
     differences and the time ratio. RuntimeError when the two sides do not compute the same step."""
     import tempfile
 
-    from ldm_jax.training import config as config_lib
+    from ldm_jax import config as config_lib
 
     rows = []
     for size in sizes:

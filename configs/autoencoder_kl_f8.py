@@ -13,7 +13,7 @@ of originals over reconstructions (`autoencoder/reconstructions`) in TensorBoard
 """
 import pathlib
 
-from ldm_jax.training.config import load_config
+from ldm_jax.config import load_config
 
 
 def get_config():

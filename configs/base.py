@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
                    norm_num_groups=8, mid_block_add_attention=True),
         vq=dict(num_codes=256, beta=0.25),  # used when kind="vq"
         kl_weight=1e-6,
-        disc_start=-1,  # step at which the PatchGAN loss switches on; -1: never
+        disc_start=None,  # step at which the PatchGAN loss switches on; None: never
         disc_weight=0.5,
         disc=dict(n_layers=2, base_channels=32),  # PatchDiscriminator(**disc)
         disc_optim=dict(lr=1e-3, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=None),  # LDM's Adam betas

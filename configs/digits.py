@@ -12,7 +12,7 @@ steps are configs/base.py's, so the run takes about that config's time on the sa
 """
 import pathlib
 
-from ldm_jax.training.config import load_config
+from ldm_jax.config import load_config
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

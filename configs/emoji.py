@@ -12,7 +12,7 @@ and TensorBoard (runs/emoji). The models and steps are base's (the text context 
 """
 import pathlib
 
-from ldm_jax.training.config import load_config
+from ldm_jax.config import load_config
 
 
 def get_config():

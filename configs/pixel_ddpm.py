@@ -7,7 +7,7 @@ condition. Cosine schedule (Improved DDPM eq. 17), the hybrid objective L_simple
 with a learned interpolated variance (eq. 15; the UNet outputs 6 channels: eps and v), so the
 model has a likelihood: the metric `ldm/vb` is the bound's one-sample estimate in bits/dim, whose
 t = 0 term for 8-bit pixels is the discretized Gaussian decoder
-(`ldm_jax.training.config.likelihood_decoder`). Samples use the ancestral DDPM sampler on 100
+(`ldm_jax.config.likelihood_decoder`). Samples use the ancestral DDPM sampler on 100
 evenly spaced steps, which the learned variance makes workable.
 
 Ablations (each a key): `diffusion.schedule=linear` (DDPM), `diffusion.objective=simple` with
@@ -19,7 +19,7 @@ version of this config (16x16, 2000 steps) measured 1.97-2.27 (experiments/resul
 """
 import pathlib
 
-from ldm_jax.training.config import load_config
+from ldm_jax.config import load_config
 
 
 def get_config():

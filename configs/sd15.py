@@ -17,7 +17,7 @@ training took about 150,000 A100-hours (its model card) at batch 2,048.
 """
 import pathlib
 
-from ldm_jax.training.config import load_config
+from ldm_jax.config import load_config
 
 SD15_DIR = "~/models/stable-diffusion-v1-5"  # a placeholder: point the sources at your copy
 

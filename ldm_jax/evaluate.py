@@ -73,7 +73,7 @@ def _sweep_steps(values) -> list[int]:
 def main(argv) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from ldm_jax.evaluation import runner
-    from ldm_jax.training.loop import enable_compilation_cache
+    from ldm_jax.runtime.compilation_cache import enable_compilation_cache
 
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])} (every input is a flag, e.g. --metrics)",

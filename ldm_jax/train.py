@@ -2,7 +2,7 @@
 
 Trains the configured stages (autoencoder, then latent diffusion) in --workdir; rerunning with the
 same workdir resumes (only keys that cannot change what was trained may differ from the stored
-config; see ldm_jax/training/run_record.py). Multi-host: run the same command on every host
+config; see ldm_jax/runs/run_record.py). Multi-host: run the same command on every host
 (jax.distributed is initialised from the cluster environment, or from
 --coordinator/--num_processes/--process_id).
 
@@ -76,10 +76,10 @@ def main(argv):
     del argv
     import jax
 
-    from ldm_jax.training import config as config_lib
-    from ldm_jax.training.checkpoint import CheckpointSaveError
+    from ldm_jax import config as config_lib
+    from ldm_jax.runs.checkpoint import CheckpointSaveError
+    from ldm_jax.runs.run_record import WorkdirInUseError
     from ldm_jax.training.loop import NonFiniteError, train_and_evaluate
-    from ldm_jax.training.run_record import WorkdirInUseError
 
     try:
         config = config_lib.load_config(FLAGS.config, _OVERRIDES)

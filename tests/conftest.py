@@ -51,7 +51,7 @@ import jax  # noqa: E402
 # Exact float32 matmuls on CPU so parity tests compare like with like.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from ldm_jax.training.loop import enable_compilation_cache  # noqa: E402
+from ldm_jax.runtime.compilation_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()  # reads LDM_JAX_COMPILATION_CACHE
 

@@ -13,12 +13,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from ldm_jax import convert  # noqa: E402
+from ldm_jax import config as config_lib  # noqa: E402
 from ldm_jax.interop import diffusers as hf  # noqa: E402
 from ldm_jax.models.text_encoder import tokenize  # noqa: E402
-from ldm_jax.pipeline import LatentDiffusionPipeline, load_workdir_config  # noqa: E402
-from ldm_jax.training import config as config_lib  # noqa: E402
-from ldm_jax.training import ldm_stage, sharding  # noqa: E402
-from ldm_jax.training.checkpoint import StageCheckpoints  # noqa: E402
+from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_jax.runs.checkpoint import StageCheckpoints  # noqa: E402
+from ldm_jax.runs.workdir import load_workdir_config  # noqa: E402
+from ldm_jax.runtime import sharding  # noqa: E402
+from ldm_jax.training import ldm_stage# noqa: E402
 from tests.test_pipeline import blob_images, make_workdir, tiny_sd_pipeline, workdir_config  # noqa: E402
 from tests.training.tiny import CHEAP_COMPILE  # noqa: E402
 

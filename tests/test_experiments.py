@@ -210,7 +210,7 @@ def test_report_marks_keys_a_point_leaves_at_the_base_value(tmp_path):
 MICRO_CONFIG = """
 import sys
 sys.path.insert(0, {root!r})
-from ldm_jax.training import config as config_lib
+from ldm_jax import config as config_lib
 from tests.training.test_stage_paths import TINY_UNET, small
 
 

@@ -16,8 +16,8 @@ import pytest
 from ldm_jax import pipeline as pipeline_lib
 from ldm_jax.diffusion import samplers, schedules
 from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.runs.checkpoint import StageCheckpoints
 from ldm_jax.training import autoencoder_stage, ldm_stage
-from ldm_jax.training.checkpoint import StageCheckpoints
 from tests.diffusion.oracles import GaussianMixture
 from tests.training.tiny import tiny_config
 from tests.torch_random import randomize_torch

@@ -110,7 +110,7 @@ def tmp_folders(workdir: str) -> set[str]:
 
 def latest_complete(workdir: str) -> dict:
     """{stage: newest step whose checkpoint is complete} (what a resume must start from)."""
-    from ldm_jax.training.checkpoint import DamagedCheckpointError, step_folders, verify
+    from ldm_jax.runs.checkpoint import DamagedCheckpointError, step_folders, verify
 
     out = {}
     for stage in ("autoencoder", "ldm"):
@@ -167,7 +167,7 @@ def read_rows(workdir: str) -> list[dict]:
 
 
 def final_states(workdir: str) -> dict:
-    from ldm_jax.training.checkpoint import StageCheckpoints
+    from ldm_jax.runs.checkpoint import StageCheckpoints
 
     out = {}
     for stage in ("autoencoder", "ldm"):

@@ -23,6 +23,7 @@ import PIL.Image
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ldm_jax.data import builder as builders
+from ldm_jax.data import tokenizer
 
 HOST_ONLY = ("caption",)
 _TOKENIZER_LOCK = threading.Lock()  # grain maps in threads; transformers' lazy imports are not thread-safe
@@ -145,13 +146,11 @@ class _Tokenize(grain.transforms.Map):
         self._tokenizer = None
 
     def map(self, batch):
-        from ldm_jax.models import text_encoder
-
         with _TOKENIZER_LOCK:
             if self._tokenizer is None:
-                self._tokenizer = text_encoder.make_tokenizer(self.max_length)
+                self._tokenizer = tokenizer.make_tokenizer(self.max_length)
         captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in batch["caption"]]
-        return dict(batch, caption=captions, ids=text_encoder.tokenize(self._tokenizer, captions))
+        return dict(batch, caption=captions, ids=tokenizer.tokenize(self._tokenizer, captions))
 
     def __getstate__(self):  # ship the config to workers, not the tokenizer
         return {"max_length": self.max_length, "_tokenizer": None}

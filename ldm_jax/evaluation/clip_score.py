@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.files import read_json, read_safetensors_weights
 from ldm_jax.interop.clip_vision_weights import (clip_kwargs_from_config,
                                                  clip_params_from_state_dict, make_clip)
 from ldm_jax.models.clip_vision import CLIPDualEncoder, l2_normalize
 from ldm_jax.models.text_encoder import make_tokenizer, tokenize
+from ldm_jax.runtime.files import read_json, read_safetensors_weights
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

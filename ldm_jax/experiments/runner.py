@@ -35,6 +35,7 @@ import time
 
 from ldm_jax.experiments import (Experiment, EVALUATE_PREFIX, eval_overrides, format_value, name_of, point_name,
                                  train_overrides)
+from ldm_jax.ldm import sources
 
 AUTOENCODER_RUN = "_autoencoder"
 # python -m ldm_jax.evaluate's flags a sweep may set (tests/test_experiments.py checks the list
@@ -112,7 +113,7 @@ def plan(experiment: Experiment, root: str, sets: dict | None = None) -> list[Jo
     if sweep.share_autoencoder:
         ae_overrides = {**shared, "stages": ("autoencoder",)}
         config = _config(experiment, ae_overrides, AUTOENCODER_RUN)
-        if config.autoencoder.kind == "identity" or config.autoencoder.source != "train":
+        if not sources.trains_autoencoder(config):
             raise ValueError(f"{experiment.path}: share_autoencoder needs a base that trains its autoencoder")
         ae_job = Job(AUTOENCODER_RUN, os.path.join(root, AUTOENCODER_RUN), experiment.base, ae_overrides,
                      {"autoencoder": config.autoencoder.steps}, [], [])
@@ -162,7 +163,7 @@ def _check_root(experiment: Experiment, root: str) -> None:
 
 
 def _config(experiment: Experiment, overrides: dict, name: str):
-    from ldm_jax.training import config as config_lib
+    from ldm_jax import config as config_lib
 
     try:
         config = config_lib.load_config(experiment.base, [f"{k}={format_value(v)}" for k, v in overrides.items()])
@@ -216,7 +217,7 @@ def write_experiment_record(experiment: Experiment, root: str, sets: dict | None
 
 def is_trained(job: Job) -> bool:
     """Whether the job's final checkpoint(s) exist."""
-    from ldm_jax.workdir import checkpoint_steps
+    from ldm_jax.runs.workdir import checkpoint_steps
 
     return all(step in checkpoint_steps(job.workdir, stage) for stage, step in job.final.items())
 

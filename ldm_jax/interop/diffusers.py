@@ -27,11 +27,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldm_jax.interop.files import read_json, read_safetensors_weights
 from ldm_jax.interop import clip_weights, unet_weights, vae_weights
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer
 from ldm_jax.models.unet import UNet
+from ldm_jax.runtime.files import read_json, read_safetensors_weights
 
 # The diffusers version our exports are written for (and tested against).
 DIFFUSERS_VERSION = "0.42.1"

@@ -348,3 +348,38 @@ class PatchDiscriminator(nn.Module):
                              dtype=jnp.float32, param_dtype=self.param_dtype)(x.astype(jnp.float32))
             x = nn.leaky_relu(x.astype(self.dtype), 0.2)
         return conv(1, 1, True)(x).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class PointMass:
+    """The identity autoencoder's "posterior": all mass on ``x`` (log-variance -inf, zero KL)."""
+    mean: jax.Array
+
+    @property
+    def logvar(self):
+        return jnp.full_like(self.mean, -jnp.inf)
+
+    def sample(self, rng: jax.Array) -> jax.Array:
+        del rng
+        return self.mean
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def kl(self) -> jax.Array:
+        return jnp.zeros(self.mean.shape[:1], jnp.float32)
+
+
+class IdentityAutoencoder(nn.Module):
+    """No autoencoder (pixel-space diffusion): ``encode`` -> ``PointMass(x)``, ``decode(z) = z``."""
+
+    def encode(self, images) -> PointMass:
+        return PointMass(jnp.asarray(images, jnp.float32))
+
+    def decode(self, z):
+        return jnp.asarray(z, jnp.float32)
+
+    def __call__(self, images, sample_posterior: bool = True):
+        del sample_posterior
+        posterior = self.encode(images)
+        return self.decode(posterior.mean), posterior

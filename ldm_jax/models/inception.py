@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.files import load_npz, load_safetensors
+from ldm_jax.runtime.files import load_npz, load_safetensors
 Dtype = Any
 PrecisionLike = Any
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.files import load_npz, load_safetensors
+from ldm_jax.runtime.files import load_npz, load_safetensors
 Dtype = Any
 
 # torchvision vgg16().features: the conv layers' indices, by block (a 2x2 max-pool before each

@@ -28,135 +28,30 @@ The PatchGAN discriminator trains in the same step on the same reconstructions w
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from typing import Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ldm_jax.config.modules import (AUTOENCODER_KINDS, as_dict, check_kind, check_losses,  # noqa: F401
+                                     make_autoencoder, make_discriminator)
 from ldm_jax.evaluation import shapes as shapes_eval
+from ldm_jax.ldm.codecs import to_uint8  # noqa: F401 (the loop's reconstructions)
 from ldm_jax.models import lpips
-from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAutoencoder
-from ldm_jax.training.optim import make_optimizer
+from ldm_jax.models.autoencoder import IdentityAutoencoder
+from ldm_jax.optim import make_optimizer
 from ldm_jax.training.state import TrainState, all_finite, apply_gradients
 
-AUTOENCODER_KINDS = ("kl", "vq", "identity")
 ADAPTIVE_WEIGHT_EPS = 1e-4  # LDM: ||g_rec|| / (||g_gan|| + 1e-4)
 ADAPTIVE_WEIGHT_MAX = 1e4  # LDM clamps the ratio to [0, 1e4] before multiplying by disc_weight
 
 
 # ---------------------------------------------------------------------------------------------
 # Modules
-
-
-@flax.struct.dataclass
-class PointMass:
-    """The identity autoencoder's "posterior": all mass on ``x`` (log-variance -inf, zero KL)."""
-    mean: jax.Array
-
-    @property
-    def logvar(self):
-        return jnp.full_like(self.mean, -jnp.inf)
-
-    def sample(self, rng: jax.Array) -> jax.Array:
-        del rng
-        return self.mean
-
-    def mode(self) -> jax.Array:
-        return self.mean
-
-    def kl(self) -> jax.Array:
-        return jnp.zeros(self.mean.shape[:1], jnp.float32)
-
-
-class IdentityAutoencoder(nn.Module):
-    """No autoencoder (pixel-space diffusion): ``encode`` -> ``PointMass(x)``, ``decode(z) = z``."""
-
-    def encode(self, images) -> PointMass:
-        return PointMass(jnp.asarray(images, jnp.float32))
-
-    def decode(self, z):
-        return jnp.asarray(z, jnp.float32)
-
-    def __call__(self, images, sample_posterior: bool = True):
-        del sample_posterior
-        posterior = self.encode(images)
-        return self.decode(posterior.mean), posterior
-
-
-def _as_dict(group) -> dict:
-    """A config group (ConfigDict or mapping) as a plain dict, sequences as tuples (hashable)."""
-    group = group.to_dict() if hasattr(group, "to_dict") else dict(group)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
-
-
-def _check_kind(ae_config) -> str:
-    kind = ae_config["kind"]
-    if kind not in AUTOENCODER_KINDS:
-        raise ValueError(f"unknown autoencoder.kind {kind!r}; allowed: {', '.join(AUTOENCODER_KINDS)}")
-    return kind
-
-
-def _check_fields(cls, kwargs: dict, group: str):
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"autoencoder.{group}: {', '.join(unknown)} not arguments of "
-                         f"{cls.__name__}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _downsampling(model: dict, default_blocks) -> int:
-    return 2 ** (len(model.get("block_out_channels", default_blocks)) - 1)
-
-
-def make_autoencoder(ae_config, image_size: int) -> nn.Module:
-    """The linen autoencoder for ``autoencoder.kind``: "kl" -> ``AutoencoderKL(**model)``,
-    "vq" -> ``VQAutoencoder(**model, **vq)``, "identity" -> ``IdentityAutoencoder()``.
-
-    Validates the group first (kind, constructor arguments, channels vs. GroupNorm groups, image
-    size vs. the downsampling factor) so a bad config fails before anything compiles.
-    """
-    kind = _check_kind(ae_config)
-    if kind == "identity":
-        return IdentityAutoencoder()
-    model = _as_dict(ae_config["model"])
-    if kind == "kl":
-        cls, defaults = AutoencoderKL, AutoencoderKL()
-        model.setdefault("sample_size", image_size)
-    else:
-        cls, defaults = VQAutoencoder, VQAutoencoder()
-        # The VQ model always has the mid-block attention (LDM VQ-f4); accept the KL-only key
-        # only when it says so.
-        if not model.pop("mid_block_add_attention", True):
-            raise ValueError("autoencoder.model.mid_block_add_attention=False is not supported "
-                             "with autoencoder.kind='vq' (its mid block always has attention)")
-        model.update(_as_dict(ae_config["vq"]))
-    _check_fields(cls, model, "model" if kind == "kl" else "model/vq")
-    groups = model.get("norm_num_groups", defaults.norm_num_groups)
-    for c in model.get("block_out_channels", defaults.block_out_channels):
-        if c % groups:
-            raise ValueError(f"autoencoder.model.block_out_channels entry {c} is not divisible by "
-                             f"autoencoder.model.norm_num_groups={groups}")
-    f = _downsampling(model, defaults.block_out_channels)
-    if image_size % f:
-        raise ValueError(f"data.image_size={image_size} is not divisible by the autoencoder's "
-                         f"downsampling factor {f} (2^(len(autoencoder.model.block_out_channels) - 1))")
-    return cls(**model)
-
-
-def latent_shape(ae_config, image_size: int) -> tuple[int, int, int]:
-    """(h, w, c) of the latents the diffusion model sees for ``image_size`` images."""
-    module = make_autoencoder(ae_config, image_size)
-    if isinstance(module, IdentityAutoencoder):
-        return image_size, image_size, 3
-    f = 2 ** (len(module.block_out_channels) - 1)
-    return image_size // f, image_size // f, module.latent_channels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,40 +131,19 @@ def _forward_fn(module: nn.Module, kind: str, kl_weight: float) -> Callable:
 
 
 def _disc_configured(ae_config) -> bool:
-    return int(ae_config["disc_start"]) >= 0
+    return ae_config["disc_start"] is not None
 
 
 def _optimizers(ae_config):
     """(generator tx, EMA decay, discriminator tx or None) from the autoencoder group."""
-    optim = _as_dict(ae_config["optim"])
+    optim = as_dict(ae_config["optim"])
     ema_decay = optim.pop("ema_decay", 0.999)
     steps = int(ae_config["steps"])
     tx = make_optimizer(**optim, total_steps=steps)
     disc_tx = None
     if _disc_configured(ae_config):
-        disc_tx = make_optimizer(**_as_dict(ae_config["disc_optim"]), total_steps=steps)
+        disc_tx = make_optimizer(**as_dict(ae_config["disc_optim"]), total_steps=steps)
     return tx, ema_decay, disc_tx
-
-
-def make_discriminator(ae_config) -> PatchDiscriminator:
-    """``PatchDiscriminator(**autoencoder.disc)``."""
-    disc = _as_dict(ae_config["disc"])
-    _check_fields(PatchDiscriminator, disc, "disc")
-    return PatchDiscriminator(**disc)
-
-
-def check_losses(ae_config):
-    """ValueError naming the key unless autoencoder.lpips_weights is None or an existing path and
-    autoencoder.perceptual_weight is a number >= 0."""
-    path = ae_config["lpips_weights"]
-    if path is not None and not (isinstance(path, (str, os.PathLike))
-                                 and os.path.exists(os.path.expanduser(path))):
-        raise ValueError(f"autoencoder.lpips_weights={path!r} is not an existing path; give a local "
-                         "LPIPS weights file (see ldm_jax.models.lpips for getting one), or None "
-                         "for L1 reconstruction only")
-    weight = ae_config.get("perceptual_weight", 1.0)
-    if not (isinstance(weight, (int, float)) and weight >= 0):
-        raise ValueError(f"autoencoder.perceptual_weight={weight!r} must be a number >= 0")
 
 
 def load_frozen(config) -> dict | None:
@@ -294,7 +168,7 @@ def _init_variables(module: nn.Module, rngs: dict, dummy: jax.Array):
 
 def init_state(config, rng: jax.Array) -> TrainState:
     """Stage-1 state: params {"autoencoder": ...}, the ``autoencoder.optim`` optimiser over
-    ``autoencoder.steps`` steps, and, when ``autoencoder.disc_start >= 0``, ``extra`` =
+    ``autoencoder.steps`` steps, and, when ``autoencoder.disc_start`` is set, ``extra`` =
     {"disc_params", "disc_batch_stats", "disc_opt_state"} (else an empty dict)."""
     ae = config["autoencoder"]
     size = int(config["data"]["image_size"])
@@ -338,13 +212,13 @@ def make_train_step(config) -> Callable[..., tuple[TrainState, dict]]:
     before ``disc_start`` / without a discriminator), grad_norm, finite.
     """
     ae = config["autoencoder"]
-    kind = _check_kind(ae)
+    kind = check_kind(ae)
     module = make_autoencoder(ae, int(config["data"]["image_size"]))
     check_losses(ae)
     forward = _forward_fn(module, kind, float(ae["kl_weight"]))
     reconstruction = _reconstruction_fn(ae)
     tx, ema_decay, disc_tx = _optimizers(ae)
-    disc_start, disc_weight = int(ae["disc_start"]), float(ae["disc_weight"])
+    disc_start, disc_weight = ae["disc_start"], float(ae["disc_weight"])
     disc = make_discriminator(ae) if disc_tx is not None else None
 
     def train_step(state: TrainState, batch: dict, frozen: dict | None = None):
@@ -430,11 +304,6 @@ def reconstruct(module: nn.Module, params, images: jax.Array) -> jax.Array:
     latents = module.apply({"params": params}, images, method="encode")
     z = latents.mode() if hasattr(latents, "mode") else latents  # VQ: continuous latents
     return module.apply({"params": params}, z, method="decode")
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255], rounded."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def reconstruction_accuracy(module: nn.Module, params, images_uint8, captions,

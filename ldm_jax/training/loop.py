@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -24,28 +23,24 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from ldm_jax import config as config_lib
+from ldm_jax.config import data_config
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import shapes as shapes_checker
-from ldm_jax.training import autoencoder_stage, ldm_stage, run_record, sharding
-from ldm_jax.training import config as config_lib
-from ldm_jax.training.checkpoint import StageCheckpoints, damaged_newest, step_folders
-from ldm_jax.training.writer import MetricWriter, image_grid, save_png
-from ldm_jax.training.xla_options import compiler_options
+from ldm_jax.ldm import sources
+from ldm_jax.runs import run_record
+from ldm_jax.runs.checkpoint import StageCheckpoints, damaged_newest, step_folders
+from ldm_jax.runs.writer import MetricWriter, image_grid, save_png
+from ldm_jax.runtime import sharding
+from ldm_jax.runtime.compilation_cache import enable_compilation_cache
+from ldm_jax.runtime.xla_options import compiler_options
+from ldm_jax.training import autoencoder_stage, end_of_run, ldm_stage
 
 log = logging.getLogger("ldm_jax.train")
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def enable_compilation_cache(path: str | None = None) -> None:
-    """JAX's persistent compilation cache (a second run does not recompile)."""
-    path = path or os.environ.get("LDM_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/ldm_jax/jax_cache"))
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class Preemption:
@@ -77,18 +72,6 @@ class StageResult:
     state: Any
     status: str  # "done" | "preempted"
     meta: dict
-
-
-def data_config(config, batch_size: int | None = None, split: str | None = None, **overrides) -> pipeline.DataConfig:
-    d = dict(config.data)
-    d["batch_size"] = batch_size or d["batch_size"]
-    d["split"] = split or d["split"]
-    if config.conditioning.kind == "text":
-        d["max_length"] = config.text_encoder.max_length
-    else:
-        d["caption_key"] = None  # labels only (class) or nothing (unconditional)
-    d.update(overrides)
-    return pipeline.DataConfig.from_dict(d)
 
 
 def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | None, init_fn: Callable,
@@ -197,10 +180,6 @@ def _is_shapes(config) -> bool:
     return config.data.name == "shapes" and config.data.caption_key == "caption"
 
 
-def _is_shapes_text(config) -> bool:
-    return _is_shapes(config) and config.conditioning.kind == "text"
-
-
 def _eval_captions(config, split: str, count: int) -> list[str]:
     source = pipeline.load_source(data_config(config, split=split))
     rng = np.random.default_rng(0)
@@ -209,16 +188,12 @@ def _eval_captions(config, split: str, count: int) -> list[str]:
 
 
 def run_autoencoder(config, workdir, mesh, writer, preemption) -> tuple[dict | None, str]:
-    """Stage 1, or loading the autoencoder from where the config says. Returns (params, status)."""
+    """The autoencoder of the run, as `autoencoder.source` says: stage 1 trained here (when it is
+    among the stages), or its parameters loaded (`ldm.sources.autoencoder_params`: this run's
+    own stage-1 checkpoint, another workdir's, a diffusers VAE, none). Returns (params, status)."""
+    if "autoencoder" not in config.stages or not sources.trains_autoencoder(config):
+        return sources.autoencoder_params(config, workdir, mesh), "done"
     ae = config.autoencoder
-    if ae.kind == "identity":
-        return {}, "done"
-    if ae.source.startswith("workdir:"):
-        return load_autoencoder_params(config, ae.source.split(":", 1)[1]), "done"
-    if ae.source.startswith("diffusers:"):
-        from ldm_jax.interop import diffusers as hf
-
-        return hf.load_diffusers_dir(ae.source.split(":", 1)[1]).vae_params, "done"
     module = autoencoder_stage.make_autoencoder(ae, config.data.image_size)
     frozen = autoencoder_stage.load_frozen(config)  # the LPIPS network's weights, or None
     if frozen is not None:
@@ -256,42 +231,33 @@ def _render_captions(config, captions) -> np.ndarray:
     return np.stack([shapes.render(config.data.image_size, *shapes_checker.parse_caption(c), rng) for c in captions])
 
 
-def load_autoencoder_params(config, other_workdir: str) -> dict:
-    """The stage-1 parameters saved in another workdir (its latest autoencoder checkpoint)."""
-    ckpt = StageCheckpoints(other_workdir, "autoencoder")
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"autoencoder.source: no autoencoder checkpoint in {other_workdir}")
-    abstract = jax.eval_shape(lambda rng: autoencoder_stage.init_state(config, rng), jax.random.PRNGKey(0))
-    state, _, _ = ckpt.restore(abstract)
-    ckpt.close()
-    return state.params["autoencoder"]
-
-
 def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult:
+    """Stage 2: the latent diffusion model on the frozen autoencoder's latents, then (once) its
+    samples and the end-of-run evaluation."""
     models = ldm_stage.build_models(config)
-    frozen = {"autoencoder": ae_params, "scale": None}
-    if models.conditioning == "text" and config.text_encoder.source != "scratch" and config.text_encoder.train:
-        raise ValueError("text_encoder.train=True with a pretrained text_encoder.source (fine-tuning it) is not "
-                         "supported yet; set text_encoder.train=False to use it frozen")
-    if models.conditioning == "text" and not models.train_text_encoder:
-        from ldm_jax.interop import diffusers as hf
 
-        frozen["text_encoder"] = hf.load_diffusers_dir(config.text_encoder.source.split(":", 1)[1]).text_encoder_params
+    # The frozen inputs: the autoencoder, a pretrained text encoder, the latent scale (the step
+    # needs it, so it is resolved before the loop: from the checkpoint if there is one).
+    meta, finished = _ldm_meta(config, workdir, models, ae_params)
+    host_frozen = {"autoencoder": ae_params, "scale": np.float32(meta["scale_factor"])}
+    text_encoder = sources.text_encoder_params(config)  # a frozen pretrained one, or None
+    if text_encoder is not None:
+        host_frozen["text_encoder"] = text_encoder
+    host_frozen = to_host(host_frozen)
+    frozen = jax.device_put(host_frozen, sharding.replicated(mesh))  # placed once, not per step
+    log.info("latent scale factor %.5f", meta["scale_factor"])
+    latents = None if finished else _latent_table(config, models, host_frozen["autoencoder"])
+
+    # Sample grids of the EMA model: every train.sample_every steps and at the end.
     sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models), compiler_options=compiler_options())
-    prompts = list(config.train.sample_prompts)
+    grid = models.conditioning.grid(config.train.sample_prompts)
+    grid_conditions = ldm_stage.conditions_for(models, prompts=grid)
 
-    def initial_meta():
-        scale = config.autoencoder.scale_factor
-        if config.autoencoder.kind == "identity":
-            scale = 1.0
-        elif scale is None:  # LDM's scale_by_std: 1/std of the latents of the first training batch
-            first = pipeline.make_batches(data_config(config), None, process_index=0, process_count=1)
-            images = jnp.asarray(next(first)["image"])
-            scale = autoencoder_stage.estimate_scale_factor(models.autoencoder, ae_params, images,
-                                                            jax.random.PRNGKey(config.seed))
-        return {"scale_factor": float(scale)}
-
-    frozen_holder = {}
+    def write_samples(step, ema_params):
+        images = np.asarray(sample_fn(ema_params, host_frozen, grid_conditions, jax.random.PRNGKey(0)))
+        grid = image_grid(images, cols=len(images))
+        writer.write_images(step, {"ldm/samples_ema": grid})
+        save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
 
     def on_log(step, state):
         if step % config.train.sample_every:
@@ -300,45 +266,7 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
         if writer is not None:
             write_samples(step, ema)
 
-    def write_samples(step, ema_params):
-        # Class models: one sample per prompt slot, cycling through the real classes (labels past
-        # num_classes would be the null class, or out of the embedding table).
-        labels = [i % models.null_class for i in range(len(prompts))] if models.conditioning == "class" else None
-        cond = ldm_stage.conditions_for(models, prompts=prompts, labels=labels)
-        images = np.asarray(sample_fn(ema_params, frozen_holder["host"], cond, jax.random.PRNGKey(0)))
-        grid = image_grid(images, cols=len(images))
-        writer.write_images(step, {"ldm/samples_ema": grid})
-        save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
-
-    # The scale is needed by the step, so resolve it before the loop (from the checkpoint if any).
-    ckpt = StageCheckpoints(workdir, "ldm")
-    meta = {}
-    latest = ckpt.latest_step()
-    finished = latest is not None and latest >= config.train.steps
-    if latest is not None:
-        meta = ckpt.restore_meta()
-    ckpt.close()
-    if not meta:
-        meta = initial_meta()
-    frozen["scale"] = np.float32(meta["scale_factor"])
-    frozen_holder["host"] = to_host(frozen)
-    frozen = jax.device_put(frozen_holder["host"], sharding.replicated(mesh))  # placed once, not per step
-    log.info("latent scale factor %.5f", meta["scale_factor"])
-    latents = None
-    if not finished and config.train.cache_latents and config.autoencoder.kind != "identity":
-        if config.data.flip:
-            log.info("train.cache_latents: not with data.flip=True (a flipped image has other latents); "
-                     "the step encodes its batches")
-        else:
-            t0 = time.perf_counter()
-            data = data_config(config)
-            latents = ldm_stage.encode_split(models, frozen_holder["host"]["autoencoder"], pipeline.load_source(data),
-                                             data)
-            if latents is None:
-                log.info("train.cache_latents: the split's latents would exceed %d bytes; the step encodes its "
-                         "batches", ldm_stage.CACHE_LIMIT_BYTES)
-            else:
-                log.info("encoded the %d training images' latents in %.1f s", len(latents), time.perf_counter() - t0)
+    # Training.
     result = run_stage(
         "ldm", config=config, workdir=workdir, mesh=mesh, writer=writer,
         init_fn=lambda rng: ldm_stage.init_state(config, models, rng),
@@ -347,35 +275,56 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
         end_of_stage_row=lambda row: row.get("step") == config.train.steps and any(
             k.startswith(f"eval/{split}/") for split in config.eval.splits for k in row),
     )
+
+    # The end of the run: the last samples and the evaluators, once.
     if result.status == "done" and not run_record.is_finished(workdir, "ldm", config.train.steps):
         ema = to_host(result.state.ema_params)
         if writer is not None:
             write_samples(config.train.steps, ema)
-            if _is_shapes_text(config):
-                evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema, frozen_holder["host"])
+            end_of_run.evaluate(end_of_run.TrainedRun(config, models, sample_fn, ema, host_frozen),
+                                workdir, writer, config.train.steps)
             run_record.mark_finished(workdir, "ldm", config.train.steps)
     return result
 
 
-def evaluate_prompt_accuracy(config, workdir, writer, models, sample_fn, ema_params, frozen) -> dict:
-    """Shapes prompt accuracy of the EMA model on each eval split; logged and written to eval/."""
-    results = {}
-    for split in config.eval.splits:
-        captions = _eval_captions(config, split, config.eval.num_samples)
-        images = []
-        for start in range(0, len(captions), 64):
-            chunk = captions[start:start + 64]
-            chunk = chunk + [chunk[-1]] * (64 - len(chunk))  # one compiled batch shape
-            cond = ldm_stage.conditions_for(models, prompts=chunk)
-            images.append(np.asarray(sample_fn(ema_params, frozen, cond, jax.random.PRNGKey(start))))
-        images = np.concatenate(images)[: len(captions)]
-        results[split] = shapes_checker.accuracy(images, captions)
-        writer.write_scalars(config.train.steps, {f"eval/{split}/{k}": v for k, v in results[split].items()})
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"prompt_accuracy_{config.train.steps}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    log.info("prompt accuracy: %s", results)
-    return results
+def _ldm_meta(config, workdir: str, models, ae_params) -> tuple[dict, bool]:
+    """(the diffusion checkpoint's metadata, or a new run's: the latent scale factor; whether the
+    stage has already trained to train.steps)."""
+    ckpt = StageCheckpoints(workdir, "ldm")
+    latest = ckpt.latest_step()
+    meta = ckpt.restore_meta() if latest is not None else {}
+    ckpt.close()
+    if not meta:
+        scale = config.autoencoder.scale_factor
+        if models.codec.is_identity:
+            scale = 1.0
+        elif scale is None:  # LDM's scale_by_std: 1/std of the latents of the first training batch
+            first = pipeline.make_batches(data_config(config), None, process_index=0, process_count=1)
+            images = jnp.asarray(next(first)["image"])
+            scale = autoencoder_stage.estimate_scale_factor(models.autoencoder, ae_params, images,
+                                                            jax.random.PRNGKey(config.seed))
+        meta = {"scale_factor": float(scale)}
+    return meta, latest is not None and latest >= config.train.steps
+
+
+def _latent_table(config, models, ae_params):
+    """train.cache_latents: the training split's latents encoded once (`ldm_stage.encode_split`),
+    or None (off, pixel space, flipped images, or too large)."""
+    if not config.train.cache_latents or models.codec.is_identity:
+        return None
+    if config.data.flip:
+        log.info("train.cache_latents: not with data.flip=True (a flipped image has other latents); "
+                 "the step encodes its batches")
+        return None
+    t0 = time.perf_counter()
+    data = data_config(config)
+    latents = ldm_stage.encode_split(models, ae_params, pipeline.load_source(data), data)
+    if latents is None:
+        log.info("train.cache_latents: the split's latents would exceed %d bytes; the step encodes its "
+                 "batches", ldm_stage.CACHE_LIMIT_BYTES)
+    else:
+        log.info("encoded the %d training images' latents in %.1f s", len(latents), time.perf_counter() - t0)
+    return latents
 
 
 def checkpoint_steps(workdir: str, stage: str) -> list[int]:
@@ -466,10 +415,7 @@ def _train_stages(config, workdir: str, mesh) -> dict:
             ae_params = {}
             if "autoencoder" in config.stages or "ldm" in config.stages:
                 t0 = time.perf_counter()
-                if "autoencoder" in config.stages:
-                    ae_params, status = run_autoencoder(config, workdir, mesh, writer, preemption)
-                else:
-                    ae_params, status = _pretrained_or_own_autoencoder(config, workdir), "done"
+                ae_params, status = run_autoencoder(config, workdir, mesh, writer, preemption)
                 timings["autoencoder_s"] = time.perf_counter() - t0
                 if status != "done":
                     return {**summary, "status": status}
@@ -485,12 +431,3 @@ def _train_stages(config, workdir: str, mesh) -> dict:
             writer.close()
     summary.update(timings)
     return summary
-
-
-def _pretrained_or_own_autoencoder(config, workdir):
-    ae = config.autoencoder
-    if ae.kind == "identity":
-        return {}
-    if ae.source == "train":
-        return load_autoencoder_params(config, workdir)
-    return run_autoencoder(config, workdir, None, None, None)[0]

@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs.base import get_config
+from ldm_jax.config.modules import autoencoder_latent_shape
 from ldm_jax.data import shapes as shapes_data
 from ldm_jax.models import lpips
 from ldm_jax.models.autoencoder import DiagonalGaussian
@@ -103,11 +104,11 @@ def test_config_errors_name_the_key():
 
 
 def test_latent_shapes():
-    assert stage.latent_shape(tiny_config().autoencoder, SIZE) == (16, 16, 4)
-    assert stage.latent_shape(get_config().autoencoder, 32) == (8, 8, 4)
+    assert autoencoder_latent_shape(tiny_config().autoencoder, SIZE) == (16, 16, 4)
+    assert autoencoder_latent_shape(get_config().autoencoder, 32) == (8, 8, 4)
     vq = tiny_config(kind="vq", model=TINY_VQ).autoencoder
-    assert stage.latent_shape(vq, SIZE) == (SIZE, SIZE, 4)  # one level: no downsampling
-    assert stage.latent_shape(tiny_config(kind="identity").autoencoder, SIZE) == (SIZE, SIZE, 3)
+    assert autoencoder_latent_shape(vq, SIZE) == (SIZE, SIZE, 4)  # one level: no downsampling
+    assert autoencoder_latent_shape(tiny_config(kind="identity").autoencoder, SIZE) == (SIZE, SIZE, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def lpips_file(tmp_path_factory):
 def test_lpips_step_matches_an_independent_computation(batch, lpips_file):
     """One step with LPIPS: p_loss is the module's value on (x, x̂), rec_loss = L1 + 0.5 p_loss,
     and the update's gradient includes the perceptual term; LPIPS itself is not trained."""
-    config = tiny_config(disc_start=-1, lpips_weights=str(lpips_file), perceptual_weight=0.5)
+    config = tiny_config(disc_start=None, lpips_weights=str(lpips_file), perceptual_weight=0.5)
     ae = config.autoencoder
     frozen = stage.load_frozen(config)
     state = stage.init_state(config, key(3))
@@ -278,7 +279,7 @@ def test_lpips_file_errors_name_the_config_key(tmp_path):
 
 
 def test_training_reduces_reconstruction_loss(batch):
-    config = tiny_config(disc_start=-1)
+    config = tiny_config(disc_start=None)
     state = stage.init_state(config, key(1))
     assert state.extra == {}
     step = jax.jit(stage.make_train_step(config))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ldm_jax.training.checkpoint import StageCheckpoints
+from ldm_jax.runs.checkpoint import StageCheckpoints
 from tests.training.test_loop import read_metrics
 from tests.training.tiny import ROOT, cheap_compilation_env
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import config as config_lib
 from ldm_jax.models.text_encoder import CLIPTextEncoder
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import autoencoder_stage
-from ldm_jax.training import config as config_lib
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.py"))
 BASE = CONFIGS[[p.name for p in CONFIGS].index("base.py")]

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.training import ldm_stage, loop, optim, sharding
-from ldm_jax.training.checkpoint import ShapeMismatchError, StageCheckpoints
-from ldm_jax.training.run_record import RunConfigError
+from ldm_jax import optim
+from ldm_jax.runs.checkpoint import ShapeMismatchError, StageCheckpoints
+from ldm_jax.runs.run_record import RunConfigError
+from ldm_jax.runtime import sharding
+from ldm_jax.training import ldm_stage, loop
 from ldm_jax.training.state import TrainState, apply_gradients
 from tests.digest import tree_digest
 from tests.training.tiny import cheap_compilation, tiny_config

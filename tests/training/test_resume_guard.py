@@ -17,12 +17,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ldm_jax import workdir as workdir_lib
-from ldm_jax.training import checkpoint as checkpoint_lib
-from ldm_jax.training import loop, optim, run_record, sharding
-from ldm_jax.training.checkpoint import CheckpointSaveError, DamagedCheckpointError, StageCheckpoints
+from ldm_jax import config as config_lib
+from ldm_jax import optim
+from ldm_jax.runs import workdir as workdir_lib
+from ldm_jax.runs import checkpoint as checkpoint_lib
+from ldm_jax.runs import run_record
+from ldm_jax.runs.checkpoint import CheckpointSaveError, DamagedCheckpointError, StageCheckpoints
+from ldm_jax.runs.writer import MetricWriter
+from ldm_jax.runtime import sharding
+from ldm_jax.training import loop
 from ldm_jax.training.state import TrainState, apply_gradients
-from ldm_jax.training.writer import MetricWriter
 from tests.digest import tree_digest
 from tests.training.tiny import ROOT, load_base, tiny_config
 
@@ -70,6 +74,26 @@ def test_version_1_config_from_before_three_keys_existed_gets_the_values_it_was_
     assert loaded.text_encoder.train_token_embedding is True
     assert loaded.autoencoder.perceptual_weight == 1.0
     assert loaded.train.steps == 2000 and loaded.unet.block_out_channels == (32, 64)  # that run's own values
+
+
+@pytest.mark.parametrize("stored, read", [(-1, None), (3000, 3000), (0, 0)])
+def test_version_2_disc_start_minus_one_reads_as_none(tmp_path, stored, read):
+    """Until config_version 3, autoencoder.disc_start=-1 meant "never"; now None says it."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(os.path.join(FIXTURES, "config_v1_base.json")) as f:
+        config = json.load(f)
+    config["config_version"] = 2
+    config["autoencoder"]["disc_start"] = stored
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert workdir_lib.load_workdir_config(str(workdir)).autoencoder.disc_start == read
+
+
+def test_disc_start_minus_one_is_refused_naming_none():
+    config = load_base()
+    config.autoencoder.disc_start = -1
+    with pytest.raises(ValueError, match=r"autoencoder\.disc_start=-1 .*or None for never"):
+        config_lib.validate(config)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -158,7 +182,7 @@ def test_a_second_trainer_on_the_same_workdir_is_refused_naming_the_first(tmp_pa
     train command prints this as its one error: line)."""
     workdir = _stored_run(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ldm_jax.training.run_record import WorkdirLock\n"
+        "import sys, time; from ldm_jax.runs.run_record import WorkdirLock\n"
         f"with WorkdirLock({workdir!r}):\n print('locked', flush=True); time.sleep(120)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

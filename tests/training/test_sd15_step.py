@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import config as config_lib
 from ldm_jax.models.text_encoder import make_tokenizer, tokenize
-from ldm_jax.training import ldm_stage, sharding
-from ldm_jax.training import config as config_lib
+from ldm_jax.runtime import sharding
+from ldm_jax.training import ldm_stage
 from tests.test_pipeline import random_like
 from tests.training.tiny import CHEAP_COMPILE, ROOT
 

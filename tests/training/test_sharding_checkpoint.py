@@ -3,8 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.training import optim, sharding
-from ldm_jax.training.checkpoint import ShapeMismatchError, StageCheckpoints
+from ldm_jax import optim
+from ldm_jax.runs.checkpoint import ShapeMismatchError, StageCheckpoints
+from ldm_jax.runtime import sharding
 from ldm_jax.training.state import TrainState
 
 

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import config as config_lib
 from ldm_jax.data import pipeline
 from ldm_jax.interop import diffusers as hf
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.text_encoder import CLIPTextEncoder
 from ldm_jax.models.unet import UNet
+from ldm_jax.runs.checkpoint import StageCheckpoints
 from ldm_jax.training import autoencoder_stage, ldm_stage, loop
-from ldm_jax.training import config as config_lib
-from ldm_jax.training.checkpoint import StageCheckpoints
 from tests.models.test_unet import random_params
 from tests.sizes import SMALL_SHAPES
 from tests.training.tiny import ROOT, TINY_UNET, cheap_compilation, tiny_config

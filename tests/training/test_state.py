@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.training import optim
+from ldm_jax import optim
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, merge_params, split_params
 
 

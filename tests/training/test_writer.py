@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 from tensorboardX.proto import event_pb2
 
-from ldm_jax.training.writer import MetricWriter, image_grid, save_png
+from ldm_jax.runs.writer import MetricWriter, image_grid, save_png
 
 
 def read_events(workdir):

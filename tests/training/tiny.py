@@ -71,7 +71,8 @@ def cheap_compilation():
     instead of 149."""
     import jax
 
-    from ldm_jax.training import loop, xla_options
+    from ldm_jax.runtime import xla_options
+    from ldm_jax.training import loop
 
     options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
     original, impl = loop.compiler_options, jax.config.jax_default_prng_impl

@@ -13,7 +13,8 @@ checkpoints, samples and evaluates, or where it runs, never what was trained. An
 difference refuses before anything is written, naming each key with both values.
 
 A stored config of an older `config_version` is brought to today's by `MIGRATIONS`: the keys that
-configs/base.py gained since then, with the value that reproduces how such a run was trained.
+configs/base.py gained since then, with the value that reproduces how such a run was trained, and
+the values whose spelling changed (autoencoder.disc_start: -1 became None).
 Anything else missing or unknown is an error naming the key (never today's default in silence).
 """
 from __future__ import annotations
@@ -33,11 +34,20 @@ LOCK_FILE = "train.lock"
 PROGRESS_FILE = "progress.json"
 
 # Version 1: config.json as written until 2026-12 (no "config_version" key). Version 2 adds the key.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
-# MIGRATIONS[v]: the keys a config of version v lacks that version v + 1 has, with the value that
-# reproduces how a version-v run was trained. configs/base.py gained these after the training
-# loop started writing config.json (git log -p configs/base.py).
+
+class Convert:
+    """A migration that rewrites a stored value (the key exists in both versions, its meaning of
+    a value changed): `convert(old value) -> new value`."""
+
+    def __init__(self, convert, why: str):
+        self.convert, self.why = convert, why
+
+
+# MIGRATIONS[v]: what turns a config of version v into version v + 1: the keys version v lacks,
+# with the value that reproduces how a version-v run was trained, and `Convert`s of values whose
+# spelling changed (git log -p configs/base.py).
 MIGRATIONS = {
     1: {
         # LPIPS was not implemented: lpips_weights had to be None, and the weight had no effect.
@@ -46,6 +56,9 @@ MIGRATIONS = {
         "text_encoder.train_token_embedding": True,
         # The step encoded each batch's images; there was no latent table.
         "train.cache_latents": False,
+    },
+    2: {
+        "autoencoder.disc_start": Convert(lambda v: None if v == -1 else v, "-1 meant never; None says it now"),
     },
 }
 
@@ -101,6 +114,12 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _has(tree: dict, dotted: str) -> bool:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -153,7 +172,10 @@ def migrate(stored: dict, path: str, reference: dict, whole_groups) -> dict:
                              f"(1 to {CONFIG_VERSION}); was the run written by a newer version?")
     for v in range(version, CONFIG_VERSION):
         for key, value in MIGRATIONS.get(v, {}).items():
-            if not _has(stored, key):
+            if isinstance(value, Convert):
+                if _has(stored, key):
+                    _set(stored, key, value.convert(_get(stored, key)))
+            elif not _has(stored, key):
                 _set(stored, key, value)
     _check_against(stored, reference, path, version, set(whole_groups), "")
     return stored
@@ -224,7 +246,7 @@ def effective_config(stored: dict, history: list[dict]) -> dict:
 def load(workdir: str) -> dict:
     """The run's effective config as a dict: config.json, migrated to today's version and
     checked against configs/base.py's keys, with config_history.jsonl applied."""
-    from ldm_jax.training import config as config_lib
+    from ldm_jax import config as config_lib
 
     whole = set(config_lib.MODEL_GROUPS) | set(config_lib.DELEGATED) | set(config_lib.FREE_FORM)
     stored = migrate(read_stored_config(workdir), os.path.join(workdir, CONFIG_FILE),

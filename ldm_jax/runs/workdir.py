@@ -1,17 +1,15 @@
-"""Reading a training run's workdir: its stored config (versioned; see training/run_record.py), its
-checkpoints on any device count, and the autoencoder it was trained with. Used by the pipeline,
-the sample and convert CLIs, and evaluation."""
+"""Reading a training run's workdir: its stored config (versioned; see runs/run_record.py) and its
+checkpoints on any device count. Used by the model loader (`ldm.sources`), the commands and
+evaluation."""
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax.training import sharding
-
+from ldm_jax.runtime import sharding
 
 
 def _tuples(tree):
@@ -25,9 +23,9 @@ def _tuples(tree):
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run stored in `<workdir>/config.json`, brought to today's version by
-    the explicit migrations of `training.run_record` (an older run is read as it was trained,
+    the explicit migrations of `runs.run_record` (an older run is read as it was trained,
     never under today's defaults), with the changes made on resume (`config_history.jsonl`)."""
-    from ldm_jax.training import run_record
+    from ldm_jax.runs import run_record
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
@@ -52,7 +50,7 @@ def restore_stage(workdir: str, stage: str, mesh, step: int | None = None) -> tu
     own tree, so this works on any device count and whatever the optimiser state looks like."""
     import orbax.checkpoint as ocp
 
-    from ldm_jax.training.checkpoint import DamagedCheckpointError, StageCheckpoints, verify
+    from ldm_jax.runs.checkpoint import DamagedCheckpointError, StageCheckpoints, verify
 
     steps = checkpoint_steps(workdir, stage)
     if not steps:
@@ -102,23 +100,3 @@ def workdir_schedule(config) -> dict:
     return dict(name=d.schedule, num_timesteps=int(d.num_timesteps), zero_terminal_snr=bool(d.zero_terminal_snr),
                 **dict(d.get("schedule_kwargs", {})), prediction=d.prediction, spacing=config.sampler.spacing,
                 steps_offset=0)
-
-
-def autoencoder_params(config, module, workdir, mesh):
-    """The autoencoder parameters a run was trained with: its own stage-1 checkpoint, another
-    workdir's, or a diffusers folder's VAE ({} for the identity autoencoder)."""
-    ae = config.autoencoder
-    if ae.kind == "identity":
-        return {}
-    if ae.source.startswith("diffusers:"):
-        from ldm_jax.interop import diffusers as hf
-
-        return hf.load_diffusers_dir(ae.source.split(":", 1)[1]).vae_params
-    where = workdir if ae.source == "train" else ae.source.split(":", 1)[1]
-    state, _ = restore_stage(where, "autoencoder", mesh)
-    params = state["params"]["autoencoder"]
-    size = config.data.image_size
-    expected = jax.eval_shape(lambda rng: module.init({"params": rng, "sample": rng}, jnp.zeros((1, size, size, 3))),
-                              jax.random.PRNGKey(0))["params"]
-    check_param_shapes(params, expected, f"the autoencoder checkpoint of {where}")
-    return params

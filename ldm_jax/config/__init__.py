@@ -13,14 +13,11 @@ dataclass / linen fields instead; `data.options` and `diffusion.schedule_kwargs`
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import importlib.util
 import pathlib
 from typing import Sequence
 
-import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
 from ldm_jax.data.pipeline import DataConfig
@@ -28,8 +25,12 @@ from ldm_jax.diffusion import gaussian, losses, samplers, schedules
 from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAutoencoder
 from ldm_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 from ldm_jax.models.unet import DOWN_BLOCK_TYPES, UNet, UP_BLOCK_TYPES
-from ldm_jax.training import autoencoder_stage
-from ldm_jax.training.optim import LR_SCHEDULES
+from ldm_jax.optim import LR_SCHEDULES
+# The modules a config describes (re-exported: config.unet_kwargs(config), config.data_config(config), ...).
+from ldm_jax.config.modules import (AUTOENCODER_KINDS, DTYPES, autoencoder_latent_shape,  # noqa: F401
+                                    check_arguments, check_losses, compute_dtype, data_config, latent_shape,
+                                    likelihood_decoder, make_autoencoder, make_discriminator, module_fields,
+                                    text_encoder_kwargs, unet_kwargs, unet_out_channels)
 
 # configs/base.py, through a symlink inside the package: a wheel install (no checkout beside it)
 # carries the schema as a regular file (setuptools copies the link's target).
@@ -39,11 +40,10 @@ STAGES = ("autoencoder", "ldm")
 AUTOENCODER_SOURCES = ("train", "workdir:<path>", "diffusers:<path>")
 TEXT_ENCODER_SOURCES = ("scratch", "diffusers:<path>")
 CONDITIONING_KINDS = ("text", "class", "none")  # "none": unconditional (pixel DDPM, bits/dim)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Sub-dicts whose keys are the caller's own (builder options, schedule keywords).
 FREE_FORM = ("data.options", "diffusion.schedule_kwargs")
-# Checked by autoencoder_stage.make_autoencoder (fields depend on autoencoder.kind).
+# Checked by make_autoencoder (fields depend on autoencoder.kind).
 DELEGATED = ("autoencoder.model", "autoencoder.vq")
 # Constructor fields that a config must not set because another key decides them.
 OWNED_ELSEWHERE = {
@@ -59,17 +59,12 @@ OWNED_ELSEWHERE = {
 }
 
 
-def _fields(cls) -> set[str]:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return fields - {"parent", "name"} if issubclass(cls, nn.Module) else fields
-
-
 # Groups that are constructor arguments: their keys are the class's fields.
 MODEL_GROUPS = {
-    "data": _fields(DataConfig),
-    "unet": _fields(UNet),
-    "text_encoder.model": _fields(CLIPTextEncoder),
-    "autoencoder.disc": _fields(PatchDiscriminator),
+    "data": module_fields(DataConfig),
+    "unet": module_fields(UNet),
+    "text_encoder.model": module_fields(CLIPTextEncoder),
+    "autoencoder.disc": module_fields(PatchDiscriminator),
 }
 
 
@@ -140,7 +135,7 @@ def _settable(path: str, key: str) -> bool:
     if path in FREE_FORM:
         return True
     if path in DELEGATED:  # the fields of either autoencoder kind; make_autoencoder checks the kind's
-        return key in _fields(AutoencoderKL) | _fields(VQAutoencoder)
+        return key in module_fields(AutoencoderKL) | module_fields(VQAutoencoder)
     return key in MODEL_GROUPS.get(path, ()) and _join(path, key) not in OWNED_ELSEWHERE
 
 
@@ -157,44 +152,6 @@ def _join(path: str, key: str) -> str:
 def reference_config() -> ml_collections.ConfigDict:
     """configs/base.py's config: the schema every other config is checked against."""
     return load_config(BASE_CONFIG)
-
-
-# ---------------------------------------------------------------------------------------------
-# Derived model arguments
-
-
-def compute_dtype(config):
-    """The activation dtype named by `train.dtype` (parameters stay float32)."""
-    return DTYPES[config.train.dtype]
-
-
-def latent_shape(config) -> tuple[int, int, int]:
-    """(h, w, c) of what the diffusion model sees: autoencoder latents, or pixels for "identity"."""
-    return autoencoder_stage.latent_shape(config.autoencoder, config.data.image_size)
-
-
-def unet_out_channels(config) -> int:
-    """Latent channels, doubled for a learned variance (Improved DDPM: the output carries v too)."""
-    c = latent_shape(config)[-1]
-    return 2 * c if config.diffusion.variance == "learned_range" else c
-
-
-def unet_kwargs(config) -> dict:
-    """`UNet(**unet_kwargs(config))`: the `unet` group plus what other groups decide (channels in
-    and out, nominal sample size, dtype, rematerialisation)."""
-    h, _, c = latent_shape(config)
-    return {**config.unet.to_dict(), "in_channels": c, "out_channels": unet_out_channels(config),
-            "sample_size": h, "remat": bool(config.train.remat), "dtype": compute_dtype(config)}
-
-
-def text_encoder_kwargs(config) -> dict:
-    """`CLIPTextEncoder(**text_encoder_kwargs(config))`."""
-    return {**config.text_encoder.model.to_dict(), "dtype": compute_dtype(config)}
-
-
-def likelihood_decoder(config) -> str:
-    """The t = 0 term of the bound: discretized (8-bit pixels) in pixel space, else continuous."""
-    return "discretized" if config.autoencoder.kind == "identity" else "continuous"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,20 +256,24 @@ def _builtin_datasets():
 
 def _check_autoencoder(config) -> None:
     ae = config.autoencoder
-    _choice("autoencoder.kind", ae.kind, autoencoder_stage.AUTOENCODER_KINDS)
+    _choice("autoencoder.kind", ae.kind, AUTOENCODER_KINDS)
     _source("autoencoder.source", ae.source, AUTOENCODER_SOURCES)
     if ae.kind == "identity":
         return
     # Constructor fields, channels vs GroupNorm groups, image size vs downsampling (named keys).
-    autoencoder_stage.make_autoencoder(ae, config.data.image_size)
+    make_autoencoder(ae, config.data.image_size)
     if ae.kind == "vq" and ae.vq.num_codes < 2:
         raise ValueError(f"autoencoder.vq.num_codes={ae.vq.num_codes} must be at least 2")
     _positive_int("autoencoder.steps", ae.steps)
     _positive_int("autoencoder.batch_size", ae.batch_size)
     if not ae.disc_optim.lr > 0:
         raise ValueError(f"autoencoder.disc_optim.lr={ae.disc_optim.lr} must be positive")
+    start = ae.disc_start
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise ValueError(f"autoencoder.disc_start={start!r} must be a step >= 0 (when the PatchGAN loss switches "
+                         "on), or None for never")
     if "autoencoder" in config.stages and ae.source == "train":
-        autoencoder_stage.check_losses(ae)  # the LPIPS weights path and weight
+        check_losses(ae)  # the LPIPS weights path and weight
     if ae.scale_factor is not None and not ae.scale_factor > 0:
         raise ValueError(f"autoencoder.scale_factor={ae.scale_factor!r} must be positive, or None "
                          "(1/std of the first latents)")

@@ -155,6 +155,32 @@ def _paths_and_shapes(tree) -> list[tuple[str, tuple]]:
     return [("/".join(_key_name(k) for k in path), tuple(np.shape(leaf))) for path, leaf in flat]
 
 
+# Layouts of earlier versions, read into today's (see `StageCheckpoints.restore`): until
+# 2026-12-03 the autoencoder stage's discriminator rode in state.extra.
+MOVED = {"extra/disc_params": "discriminator/params", "extra/disc_batch_stats": "discriminator/batch_stats",
+         "extra/disc_opt_state": "discriminator/opt_state"}
+
+
+def _moved(path: str) -> str:
+    for old, new in MOVED.items():
+        if path == old or path.startswith(old + "/"):
+            return new + path[len(old):]
+    return path
+
+
+def _as_dtype(value, dtype):
+    """A saved array as `dtype`; typed PRNG keys (dtype key<impl>) are saved as their key data."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return value
+        return jax.random.wrap_key_data(np.asarray(value), impl=str(dtype)[len("key<"):-1])
+    return np.asarray(value, dtype)
+
+
+def _earlier_layout(saved) -> bool:
+    return any(_moved(path) != path for path, _ in _paths_and_shapes(saved))
+
+
 class StageCheckpoints:
     """Save / restore one stage's state, data iterator state and metadata."""
 
@@ -198,11 +224,7 @@ class StageCheckpoints:
 
     def check_shapes(self, target, step: int) -> None:
         """Raise ShapeMismatchError naming the first parameter whose saved shape differs from `target`."""
-        try:
-            saved = self.manager.item_metadata(step)["state"]
-        except Exception as e:  # noqa: BLE001 - a damaged step's metadata
-            raise DamagedCheckpointError(f"checkpoint {self.step_folder(step)}: its metadata could not be read "
-                                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        saved = self._saved_metadata(step)
         want = dict(_paths_and_shapes(target))
         have = dict(_paths_and_shapes(saved))
         for path, shape in want.items():
@@ -239,10 +261,41 @@ class StageCheckpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
         verify(self.step_folder(step))
+        if _earlier_layout(self._saved_metadata(step)):
+            return self._restore_earlier_layout(target, step)
         self.check_shapes(target, step)
         restored = self.read(step, state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
         return restored["state"], restored["data"] or None, restored["meta"] or {}
+
+    def _restore_earlier_layout(self, target, step: int):
+        """A checkpoint of an earlier layout (`MOVED`): read as saved, each array put where today's
+        state keeps it, with the target's sharding. Every entry must find its place."""
+        state, data, meta = self.restore_raw(step)
+        flat, _ = jax.tree_util.tree_flatten_with_path(state)
+        have = {_moved("/".join(_key_name(k) for k in path)): leaf for path, leaf in flat}
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+        paths = ["/".join(_key_name(k) for k in path) for path, _ in leaves]
+        missing, unused = [q for q in paths if q not in have], sorted(set(have) - set(paths))
+        if missing or unused:
+            raise ShapeMismatchError(f"checkpoint {self.directory} step {step} (an earlier layout) does not fit the "
+                                     f"config: missing {missing[:5]}, not used {unused[:5]}")
+        for q, (_, t) in zip(paths, leaves):
+            shape = tuple(getattr(have[q], "shape", ()))
+            if shape != tuple(t.shape):
+                raise ShapeMismatchError(f"checkpoint {self.directory} step {step}: {q} has shape {shape}, but the "
+                                         f"config gives {tuple(t.shape)}")
+        arrays = [jax.device_put(_as_dtype(have[q], t.dtype), t.sharding) for q, (_, t) in zip(paths, leaves)]
+        log.warning("checkpoint %s step %d: read from an earlier layout (%s)", self.directory, step,
+                    ", ".join(f"{a} -> {b}" for a, b in MOVED.items()))
+        return jax.tree_util.tree_unflatten(treedef, arrays), data, meta
+
+    def _saved_metadata(self, step: int):
+        try:
+            return self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - a damaged step's metadata
+            raise DamagedCheckpointError(f"checkpoint {self.step_folder(step)}: its metadata could not be read "
+                                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
 
     def restore_raw(self, step: int | None = None) -> tuple[dict, Any, dict]:
         """(state as saved: nested dicts of numpy arrays, data_state, meta), without a target

@@ -32,6 +32,7 @@ import functools
 from typing import Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +131,16 @@ def _forward_fn(module: nn.Module, kind: str, kl_weight: float) -> Callable:
 # State and step
 
 
+@flax.struct.dataclass
+class DiscriminatorState:
+    """The PatchGAN discriminator's own state: its parameters, batch statistics and optimiser
+    state (its AdamW, `autoencoder.disc_optim`)."""
+
+    params: dict
+    batch_stats: dict
+    opt_state: object
+
+
 def _disc_configured(ae_config) -> bool:
     return ae_config["disc_start"] is not None
 
@@ -168,8 +179,8 @@ def _init_variables(module: nn.Module, rngs: dict, dummy: jax.Array):
 
 def init_state(config, rng: jax.Array) -> TrainState:
     """Stage-1 state: params {"autoencoder": ...}, the ``autoencoder.optim`` optimiser over
-    ``autoencoder.steps`` steps, and, when ``autoencoder.disc_start`` is set, ``extra`` =
-    {"disc_params", "disc_batch_stats", "disc_opt_state"} (else an empty dict)."""
+    ``autoencoder.steps`` steps, and, when ``autoencoder.disc_start`` is set, the discriminator's
+    own `DiscriminatorState` (else None)."""
     ae = config["autoencoder"]
     size = int(config["data"]["image_size"])
     module = make_autoencoder(ae, size)
@@ -179,13 +190,14 @@ def init_state(config, rng: jax.Array) -> TrainState:
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = _init_variables(module, {"params": init_rng, "sample": sample_rng}, dummy)
     params = {"autoencoder": variables.get("params", {})}
-    extra = {}
+    discriminator = None
     if disc_tx is not None:
         disc = make_discriminator(ae)
         disc_vars = _init_variables(disc, {"params": disc_rng}, dummy)
-        extra = dict(disc_params=disc_vars["params"], disc_batch_stats=disc_vars["batch_stats"],
-                     disc_opt_state=disc_tx.init(disc_vars["params"]))
-    return TrainState.create(params, tx, state_rng, extra=extra, flat=flat_update(config))
+        discriminator = DiscriminatorState(disc_vars["params"], disc_vars["batch_stats"],
+                                           disc_tx.init(disc_vars["params"]))
+    return TrainState.create(params, tx, state_rng, extra={}, flat=flat_update(config),
+                             discriminator=discriminator)
 
 
 def flat_update(config) -> bool:
@@ -206,7 +218,7 @@ def make_train_step(config) -> Callable[..., tuple[TrainState, dict]]:
 
     Pure and un-jitted (the caller jits it once, with shardings and ``donate_argnums=0``). The
     generator update goes through ``apply_gradients``, which also receives the discriminator's
-    new state (``extra``) and loss: a step with any non-finite loss or gradient is skipped whole.
+    new state and loss: a step with any non-finite loss or gradient is skipped whole.
     Metrics (scalars): loss, rec_loss (L1 + weighted p_loss), p_loss (with LPIPS only),
     kl | vq_loss, perplexity, codebook_usage, g_loss, d_loss, adaptive_weight (the last three 0
     before ``disc_start`` / without a discriminator), grad_norm, finite.
@@ -233,17 +245,17 @@ def make_train_step(config) -> Callable[..., tuple[TrainState, dict]]:
             lambda r: reconstruction(images, r, frozen), has_aux=True)(recon)
         zero = jnp.zeros((), jnp.float32)
         gan = dict(g_loss=zero, d_loss=zero, adaptive_weight=zero)
-        gan_ct, extra, disc_finite = jnp.zeros_like(recon), state.extra, jnp.bool_(True)
+        gan_ct, discriminator, disc_finite = jnp.zeros_like(recon), state.discriminator, jnp.bool_(True)
         if disc is not None:
-            gan_ct, extra, gan, disc_finite = _gan_terms(
-                disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, state.extra,
+            gan_ct, discriminator, gan, disc_finite = _gan_terms(
+                disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, state.discriminator,
                 on=state.step >= disc_start)
         loss = rec_loss + reg_loss + gan["adaptive_weight"] * gan["g_loss"]
         (grads,) = ae_vjp((rec_ct + gan_ct, jnp.ones((), reg_loss.dtype)))
         # A non-finite discriminator loss or gradient skips the whole step, like the generator's.
         checked_loss = jnp.where(disc_finite, loss, jnp.nan)
         state, update_metrics = apply_gradients(
-            state, {"autoencoder": grads}, checked_loss, tx, ema_decay=ema_decay, extra=extra)
+            state, {"autoencoder": grads}, checked_loss, tx, ema_decay=ema_decay, discriminator=discriminator)
         metrics = dict(loss=loss, rec_loss=rec_loss, **rec_metrics, **reg_metrics, **gan,
                        **update_metrics)
         return state, metrics
@@ -251,7 +263,7 @@ def make_train_step(config) -> Callable[..., tuple[TrainState, dict]]:
     return train_step
 
 
-def _gan_terms(disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, extra, on):
+def _gan_terms(disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, state: DiscriminatorState, on):
     """The adversarial part of a step, run only when ``on`` (``lax.cond``): the generator's
     cotangent on x̂ (adaptive_weight * dg/dx̂), the discriminator's updated state, the metrics
     and whether the discriminator's loss and gradients are finite."""
@@ -261,8 +273,8 @@ def _gan_terms(disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, extra,
         (g,) = ae_vjp((recon_ct, zero))
         return last_layer_kernel(g)
 
-    def active(extra):
-        stats = extra["disc_batch_stats"]
+    def active(state):
+        stats = state.batch_stats
 
         def d_apply(disc_params, batch_stats, x):
             logits, updated = disc.apply({"params": disc_params, "batch_stats": batch_stats}, x,
@@ -271,7 +283,7 @@ def _gan_terms(disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, extra,
 
         # Generator: g_loss = -mean D(x̂), D's parameters fixed; its batch-stat update is dropped.
         g_loss, g_ct = jax.value_and_grad(
-            lambda r: -jnp.mean(d_apply(extra["disc_params"], stats, r)[0]))(recon)
+            lambda r: -jnp.mean(d_apply(state.params, stats, r)[0]))(recon)
         weight = adaptive_weight(last_layer_grad(rec_ct), last_layer_grad(g_ct), disc_weight)
 
         # Discriminator: hinge loss on real images and this step's (detached) reconstructions.
@@ -280,18 +292,17 @@ def _gan_terms(disc, disc_tx, disc_weight, images, recon, rec_ct, ae_vjp, extra,
             fake, new_stats = d_apply(disc_params, new_stats, jax.lax.stop_gradient(recon))
             return hinge_d_loss(real, fake), new_stats
 
-        (d_loss, new_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(extra["disc_params"])
-        updates, d_opt = disc_tx.update(d_grads, extra["disc_opt_state"], extra["disc_params"])
-        new_extra = dict(disc_params=optax.apply_updates(extra["disc_params"], updates),
-                         disc_batch_stats=new_stats, disc_opt_state=d_opt)
+        (d_loss, new_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.params)
+        updates, d_opt = disc_tx.update(d_grads, state.opt_state, state.params)
+        new_state = DiscriminatorState(optax.apply_updates(state.params, updates), new_stats, d_opt)
         gan = dict(g_loss=g_loss, d_loss=d_loss, adaptive_weight=weight)
-        return weight * g_ct, new_extra, gan, all_finite(d_loss, d_grads)
+        return weight * g_ct, new_state, gan, all_finite(d_loss, d_grads)
 
-    def inactive(extra):
+    def inactive(state):
         gan = dict(g_loss=zero, d_loss=zero, adaptive_weight=zero)
-        return jnp.zeros_like(recon), extra, gan, jnp.bool_(True)
+        return jnp.zeros_like(recon), state, gan, jnp.bool_(True)
 
-    return jax.lax.cond(on, active, inactive, extra)
+    return jax.lax.cond(on, active, inactive, state)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ class TrainState:
       {"autoencoder": ...}); opt_state: optax state for params; rng: the run's base key (each step
       folds in the step number); nonfinite: updates skipped so far; nonfinite_streak: skipped in a
       row now; max_nonfinite_streak: the longest such run (checked by the loop at logging steps);
-      extra: stage-specific state (discriminator, batch statistics, timestep-sampler state);
+      extra: stage-specific state (the timestep sampler's); discriminator: the autoencoder
+      stage's adversary (its own parameters, statistics and optimiser state), or None;
       frozen_paths: static; parameter subtrees (key paths such as ("text_encoder", "embeddings",
       "token_embedding")) kept in params and ema_params but never optimised: no gradient, no
       optimiser state, no EMA update (see `split_params`).
@@ -47,12 +48,13 @@ class TrainState:
     nonfinite_streak: jax.Array
     max_nonfinite_streak: jax.Array
     extra: Any = None
+    discriminator: Any = None
     frozen_paths: tuple = flax.struct.field(pytree_node=False, default=())
     flat: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, rng, extra=None,
-               frozen_paths: tuple = (), flat: bool = False) -> "TrainState":
+               frozen_paths: tuple = (), flat: bool = False, discriminator=None) -> "TrainState":
         frozen_paths = tuple(tuple(p) for p in frozen_paths)
         trainable = split_params(params, frozen_paths)[0]
         return cls(
@@ -65,6 +67,7 @@ class TrainState:
             nonfinite_streak=jnp.zeros((), jnp.int32),
             max_nonfinite_streak=jnp.zeros((), jnp.int32),
             extra=extra,
+            discriminator=discriminator,
             frozen_paths=frozen_paths,
             flat=bool(flat),
         )
@@ -114,20 +117,23 @@ def select_tree(pred, on_true, on_false):
 
 
 def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation, *,
-                    ema_decay: float = 0.9999, ema_warmup: bool = True, extra=None) -> tuple[TrainState, dict]:
+                    ema_decay: float = 0.9999, ema_warmup: bool = True, extra=None,
+                    discriminator=None) -> tuple[TrainState, dict]:
     """One optimiser step with EMA, skipped entirely when `loss` or `grads` are not finite.
 
     `grads` covers the trainable parameters only (`split_params(state.params, state.frozen_paths)[0]`);
     frozen subtrees pass through unchanged.
 
-    `extra` (optional) is the new stage-specific state, kept only when the step is taken.
+    `extra` and `discriminator` (optional) are the new stage-specific and discriminator states,
+    kept only when the step is taken.
     Returns (new_state, {"grad_norm", "finite"}).
     """
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     trainable, fixed = split_params(state.params, state.frozen_paths)
     ema_trainable, ema_fixed = split_params(state.ema_params, state.frozen_paths)
     if state.flat:
-        return _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra)
+        return _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra,
+                           discriminator)
     finite = all_finite(loss, grads)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)  # no NaN into optax
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -142,6 +148,7 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
         ema_params=ema,
         nonfinite_streak=jnp.zeros((), jnp.int32),
         extra=state.extra if extra is None else extra,
+        discriminator=state.discriminator if discriminator is None else discriminator,
     )
     new_state = select_tree(finite, taken, _skipped(state))
     return new_state, {"grad_norm": optax.tree.norm(grads), "finite": finite}
@@ -157,7 +164,7 @@ def _skipped(state: TrainState) -> TrainState:
     )
 
 
-def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra):
+def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra, discriminator):
     """apply_gradients on the raveled parameters (TrainState.flat): the same arithmetic, with
     the update, the EMA and the skip select as single-vector ops."""
     p, unravel = ravel_pytree(trainable)
@@ -177,5 +184,7 @@ def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, 
         ema_params=merge_params(unravel(new_e), ema_fixed),
         opt_state=select_tree(finite, opt_state, state.opt_state),
         extra=select_tree(finite, state.extra if extra is None else extra, state.extra),
+        discriminator=select_tree(finite, state.discriminator if discriminator is None else discriminator,
+                                  state.discriminator),
     )
     return new_state, {"grad_norm": jnp.linalg.norm(g), "finite": finite}

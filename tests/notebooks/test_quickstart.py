@@ -9,19 +9,20 @@ import pytest
 
 from tests.notebooks.execute import image_outputs, outputs_text, run_notebook
 from tests.sizes import SMALL_SHAPES
+from tests.training.tiny import cheap_compilation_env
 
 
 def kernel_env() -> dict:
-    """The kernel's XLA flags: one CPU device instead of the session's four (as on a Colab CPU
-    runtime: no SPMD partitioning to compile; tests/training covers several devices), and XLA's
-    CPU backend without LLVM's optimisation passes. Compiling the steps and samplers is nearly all
-    of this notebook's time on a CPU: measured on one core, these flags took it from ~120 s to
-    ~65 s of CPU time (opt level 0 most of it; 4 -> 1 device ~15 s), while the tiny models' few
-    dozen steps run a few seconds slower in all."""
+    """The kernel's environment: one CPU device instead of the session's four (as on a Colab CPU
+    runtime: no SPMD partitioning to compile; tests/training covers several devices), and the
+    training tests' cheap compilation (tests/training/tiny.py: XLA's CPU backend without LLVM's
+    optimisation passes, its generic emitters, "rbg" keys). Compiling the steps and samplers is
+    nearly all of this notebook's time on a CPU: measured on one core, opt level 0 and one device
+    took it from ~120 s to ~65 s of CPU time, while the tiny models' few dozen steps run a few
+    seconds slower in all. Nothing checked here depends on which random stream initialised them."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    flags += (" --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-              " --xla_llvm_disable_expensive_passes=true")
-    return {"XLA_FLAGS": flags.strip()}
+    env = cheap_compilation_env({"XLA_FLAGS": flags + " --xla_force_host_platform_device_count=1"})
+    return {"XLA_FLAGS": env["XLA_FLAGS"], "JAX_DEFAULT_PRNG_IMPL": env["JAX_DEFAULT_PRNG_IMPL"]}
 
 
 @pytest.fixture(scope="module")

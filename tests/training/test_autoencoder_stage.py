@@ -3,6 +3,8 @@ independent jax.grad, the discriminator switching on at `disc_start` (untouched 
 reducing the reconstruction loss on rendered shapes, non-finite steps skipped whole, the LPIPS
 perceptual term (frozen, from a weights file) against an independent computation, the VQ and
 identity variants, and the reconstruction-accuracy / scale-factor helpers."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,10 +133,10 @@ def gan_run(batch):
 def test_discriminator_untouched_before_disc_start(gan_run):
     config, _, states, metrics = gan_run
     ae = config.autoencoder
-    assert set(states[0].extra) == {"disc_params", "disc_batch_stats", "disc_opt_state"}
+    assert isinstance(states[0].discriminator, stage.DiscriminatorState) and states[0].extra == {}
     # Step 0 < disc_start: the discriminator's parameters, statistics and optimiser state are
     # bitwise unchanged, and the loss is only reconstruction + KL term.
-    assert tree_equal(states[1].extra, states[0].extra)
+    assert tree_equal(states[1].discriminator, states[0].discriminator)
     m = metrics[0]
     assert m["g_loss"] == m["d_loss"] == m["adaptive_weight"] == 0.0
     kl_term = ae.kl_weight * m["kl"] / (SIZE * SIZE * 3)
@@ -142,8 +144,8 @@ def test_discriminator_untouched_before_disc_start(gan_run):
     assert not tree_equal(states[1].params, states[0].params)
     # From step 1 on it trains: its parameters and optimiser state move, the GAN term is in the loss.
     for before, after in [(states[1], states[2]), (states[2], states[3])]:
-        for key in ("disc_params", "disc_batch_stats", "disc_opt_state"):
-            assert not tree_equal(after.extra[key], before.extra[key]), key
+        for key in ("params", "batch_stats", "opt_state"):
+            assert not tree_equal(getattr(after.discriminator, key), getattr(before.discriminator, key)), key
     m = metrics[1]
     assert m["adaptive_weight"] > 0 and m["g_loss"] != 0 and m["d_loss"] > 0
     np.testing.assert_allclose(
@@ -159,7 +161,7 @@ def test_gan_losses_match_an_independent_computation(gan_run, batch):
     module = stage.make_autoencoder(ae, SIZE)
     disc = stage.make_discriminator(ae)
     x, sample_rng = batch["image"], stage.step_rngs(state)["sample"]
-    disc_vars = {"params": state.extra["disc_params"], "batch_stats": state.extra["disc_batch_stats"]}
+    disc_vars = {"params": state.discriminator.params, "batch_stats": state.discriminator.batch_stats}
 
     @jax.jit
     def reference(params):
@@ -343,3 +345,25 @@ def test_estimate_scale_factor_is_one_over_latent_std():
     # A posterior is sampled (LDM's get_first_stage_encoding): std = sqrt(9 var(x) + 4) ~ sqrt(13).
     scale = stage.estimate_scale_factor(_KnownLatents(), {}, x, jax.random.PRNGKey(0))
     np.testing.assert_allclose(scale, 1.0 / np.sqrt(9 * np.var(np.asarray(x)) + 4.0), rtol=0.03)
+
+
+def test_a_checkpoint_of_the_earlier_layout_restores_into_todays_state(gan_run, tmp_path):
+    """Until config_version 3 the discriminator rode in state.extra (disc_params,
+    disc_batch_stats, disc_opt_state): such a checkpoint restores into today's state, each array
+    where today's state keeps it."""
+    from ldm_jax.runs.checkpoint import StageCheckpoints
+
+    config, _, states, _ = gan_run
+    state = states[2]
+    earlier = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+               if f.name not in ("discriminator", "frozen_paths", "flat")}
+    earlier["extra"] = {"disc_params": state.discriminator.params, "disc_batch_stats": state.discriminator.batch_stats,
+                        "disc_opt_state": state.discriminator.opt_state}
+    ckpt = StageCheckpoints(str(tmp_path), "autoencoder")
+    ckpt.save(2, earlier, {}, {"note": "earlier layout"})
+    abstract = jax.eval_shape(lambda rng: stage.init_state(config, rng), key(0))
+    restored, _, meta = ckpt.restore(abstract)
+    ckpt.close()
+    assert meta == {"note": "earlier layout"} and isinstance(restored.discriminator, stage.DiscriminatorState)
+    assert tree_equal(restored.replace(rng=None), state.replace(rng=None))
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))

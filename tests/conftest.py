@@ -60,25 +60,25 @@ import pytest  # noqa: E402
 
 
 # Seconds each of the heaviest files took on the 2-core CI machine (pytest --durations=0, summed
-# per file; 2026-12-03, seed 2). Used only to order them, longest first.
+# per file; 2026-12-03, seed 12345, with --no-loadscope-reorder). Used only to order them, longest first.
 HEAVY_FILES = {
-    "tests/training/test_loop.py": 154,
-    "tests/training/test_sd15_step.py": 146,
-    "tests/training/test_stage_paths.py": 140,
-    "tests/test_experiments.py": 134,
-    "tests/training/test_cli.py": 131,
-    "tests/test_pipeline.py": 102,
-    "tests/training/test_soak.py": 92,
-    "tests/training/test_autoencoder_stage.py": 77,
-    "tests/notebooks/test_quickstart.py": 71,
-    "tests/test_evaluate.py": 67,
-    "tests/test_benchmarks.py": 54,
-    "tests/test_convert.py": 48,
-    "tests/diffusion/test_samplers.py": 42,
-    "tests/test_bad_inputs.py": 38,
-    "tests/notebooks/test_stable_diffusion.py": 32,
-    "tests/models/test_unet.py": 31,
-    "tests/models/test_autoencoder.py": 26,
+    "tests/training/test_loop.py": 156,
+    "tests/training/test_stage_paths.py": 145,
+    "tests/test_pipeline.py": 134,
+    "tests/training/test_cli.py": 132,
+    "tests/training/test_sd15_step.py": 110,
+    "tests/training/test_soak.py": 100,
+    "tests/test_experiments.py": 95,
+    "tests/training/test_autoencoder_stage.py": 72,
+    "tests/test_evaluate.py": 62,
+    "tests/test_benchmarks.py": 51,
+    "tests/test_convert.py": 47,
+    "tests/notebooks/test_quickstart.py": 45,
+    "tests/diffusion/test_samplers.py": 45,
+    "tests/test_bad_inputs.py": 37,
+    "tests/notebooks/test_stable_diffusion.py": 30,
+    "tests/models/test_unet.py": 32,
+    "tests/models/test_autoencoder.py": 24,
     "tests/interop/test_diffusers_dir.py": 26,
 }
 

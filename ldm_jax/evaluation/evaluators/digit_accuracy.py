@@ -24,18 +24,25 @@ def digit_conditions(run: Run, data: dict):
     return list(data["caption"]), np.asarray([digits.parse_caption(c) for c in data["caption"]])
 
 
-def compute_digit_accuracy(run: Run) -> dict:
-    """Digits: a sample per test example's prompt, classified by the small digit classifier
-    (trained once on the real digits and cached); also reports that classifier's own accuracy
-    on the real test digits, the ceiling of this metric."""
+def digit_samples(run: Run):
+    """(split, real examples, their digits, a sample for each) for every split, and the digit
+    classifier (trained once on the real digits and cached) that judges them."""
     from ldm_jax.evaluation import digits
 
     classifier = digits.load_classifier(run.config.data.image_size)
-    result = {}
     for k, split in enumerate(run.splits):
         data = run.examples(split, run.options.num_samples)
         conditions, labels = digit_conditions(run, data)
-        images = run.generate(conditions, seed_offset=100_000 * k)
+        yield split, data, labels, run.generate(conditions, seed_offset=100_000 * k), classifier
+
+
+def compute_digit_accuracy(run: Run) -> dict:
+    """Digits: a sample per test example's prompt, classified by the small digit classifier; also
+    reports that classifier's own accuracy on the real test digits, the ceiling of this metric."""
+    from ldm_jax.evaluation import digits
+
+    result = {}
+    for split, _, labels, images, classifier in digit_samples(run):
         result[split] = jsonable(digits.digit_accuracy(images, labels, classifier))
         result[split]["num_samples"] = len(labels)
     return result

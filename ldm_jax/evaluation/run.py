@@ -2,6 +2,7 @@
 (`Run`), the evaluation options, and the `Evaluator` interface every metric implements."""
 from __future__ import annotations
 
+import abc
 import dataclasses
 import numbers
 import os
@@ -71,7 +72,7 @@ def check_options(options: EvalOptions) -> None:
         raise ValueError(f"--splits must name dataset splits (e.g. test,heldout), got {list(o.splits)}")
 
 
-class RunData:
+class RunData(abc.ABC):
     """What every evaluator reads of a run: its config, splits, options and data (`examples`);
     subclasses add `generate` (the pipeline's, or the training loop's own sampler)."""
 
@@ -111,8 +112,9 @@ class RunData:
             out["label"] = np.asarray([int(r[d.label_key]) for r in records], np.int32)
         return out
 
+    @abc.abstractmethod
     def generate(self, conditions: Sequence, *, seed_offset: int = 0, **settings) -> np.ndarray:
-        raise NotImplementedError
+        """uint8 images [N, S, S, 3], one per condition (a caption, or a class label)."""
 
 
 class Run(RunData):

@@ -9,6 +9,7 @@ new class here and one entry in `KINDS`.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import Any, ClassVar
@@ -21,7 +22,7 @@ from ldm_jax import config as config_lib
 from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer, tokenize
 
 
-class Conditioning:
+class Conditioning(abc.ABC):
     """The interface (see the module docstring). Parameters live in the model's params dict under
     `param_keys`; `batch_key` is the data field holding the condition (None: nothing to read)."""
 
@@ -42,22 +43,22 @@ class Conditioning:
         del rng, dim
         return {}
 
+    @abc.abstractmethod
     def context(self, params, cond) -> jax.Array:
         """cond (ids [B, L] or labels [B]) -> context [B, L, D] for the UNet's cross-attention."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def null(self, cond):
         """The null condition, shaped like `cond`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def drop(self, batch: dict, rng, p: float):
         """The batch's condition with each example replaced by the null one with probability p
         (classifier-free guidance training, Ho & Salimans 2022)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def conditions(self, prompts, negative_prompts=None) -> tuple[np.ndarray, np.ndarray]:
         """Host side: (cond, uncond) arrays for a list of prompts (or labels), validated."""
-        raise NotImplementedError
 
     def grid(self, prompts) -> list:
         """What the training loop's sample grids show for the config's sample prompts."""

@@ -75,3 +75,17 @@ def test_unconditional_has_one_zero_token_and_no_guidance():
     context = none.context({}, jnp.asarray(cond))
     assert context.shape == (2, 1, 5) and not np.any(context)
     assert none.drop({"image": jnp.zeros((3, 4, 4, 3))}, jax.random.PRNGKey(0), 0.5).shape == (3,)
+
+
+def test_a_conditioning_must_implement_the_whole_interface():
+    from ldm_jax.ldm import Conditioning
+
+    class Partial(Conditioning):  # no drop, no conditions
+        def context(self, params, cond):
+            return cond
+
+        def null(self, cond):
+            return cond
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial()

@@ -26,6 +26,7 @@ from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAuto
 from ldm_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 from ldm_jax.models.unet import DOWN_BLOCK_TYPES, UNet, UP_BLOCK_TYPES
 from ldm_jax.optim import LR_SCHEDULES
+from ldm_jax.runtime.files import no_bytecode
 # The modules a config describes (re-exported: config.unet_kwargs(config), config.data_config(config), ...).
 from ldm_jax.config.modules import (AUTOENCODER_KINDS, DTYPES, autoencoder_latent_shape,  # noqa: F401
                                     check_arguments, check_losses, compute_dtype, data_config, latent_shape,
@@ -87,7 +88,8 @@ def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
         raise ValueError(f"config file {str(path)!r} is not a Python file (configs/*.py define get_config())")
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with no_bytecode():  # nothing written beside the user's file
+            spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ValueError(f"config file {str(path)!r} defines no get_config()")
         config = module.get_config()

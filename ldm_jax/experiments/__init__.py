@@ -35,6 +35,8 @@ import itertools
 import os
 from typing import Any, Sequence
 
+from ldm_jax.runtime.files import no_bytecode
+
 EVALUATE_PREFIX = "evaluate."
 SEED_KEY = "seed"
 
@@ -187,7 +189,8 @@ def load_experiment(path: str) -> Experiment:
     spec = importlib.util.spec_from_file_location(f"ldm_jax_experiment_{name}", path)
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with no_bytecode():  # nothing written beside the user's file
+            spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - any mistake in the file is the user's to fix, named
         raise ValueError(f"experiment file {path} does not import ({type(e).__name__}: {e})") from None
     for attr in ("BASE", "sweep"):

@@ -1,11 +1,27 @@
 """Reading weight and config files without unpickling: JSON configs, safetensors files (single or
-sharded through a `.index.json`) and `.npz` archives, each failing with an error naming the file."""
+sharded through a `.index.json`) and `.npz` archives, each failing with an error naming the file;
+and importing a user's Python file (a config, a sweep) without writing beside it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import sys
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def no_bytecode():
+    """Within: imports write no __pycache__ (as with PYTHONDONTWRITEBYTECODE). For executing a
+    user's config or sweep file: a run's folder holds only what ldm_jax writes on purpose, and a
+    folder whose bytes are checked before and after stays as it was."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
 
 
 def read_json(path: pathlib.Path) -> dict:

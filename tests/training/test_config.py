@@ -1,6 +1,7 @@
 """Configs: every configs/*.py loads and validates; overrides; each class of mistake fails in
 `validate` with the dotted key (and, for names, the allowed values); the derived UNet arguments;
 the SD 1.5 config's networks have SD 1.5's parameter counts."""
+import os
 import pathlib
 
 import jax
@@ -224,3 +225,16 @@ def test_sd15_config_is_sd15():
     text = CLIPTextEncoder(**config_lib.text_encoder_kwargs(config))
     shapes = jax.eval_shape(text.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 77), jnp.int32))
     assert count(shapes["params"]) == 123_060_480
+
+
+def test_loading_a_config_file_writes_nothing_beside_it(tmp_path, monkeypatch):
+    """A config file in a run's folder (convert writes one) is executed without a __pycache__
+    beside it, whatever PYTHONDONTWRITEBYTECODE says."""
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = tmp_path / "my_config.py"
+    path.write_text("from ldm_jax import config as config_lib\n\n\n"
+                    "def get_config():\n    return config_lib.load_config(config_lib.BASE_CONFIG)\n")
+    assert config_lib.load_config(str(path)).seed == 0
+    assert sorted(os.listdir(tmp_path)) == ["my_config.py"] and sys.dont_write_bytecode is False

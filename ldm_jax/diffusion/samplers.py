@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ldm_jax.diffusion import gaussian
+from ldm_jax.diffusion import gaussian, processes, solvers
 from ldm_jax.diffusion.model_fn import as_pytree_fn
+from ldm_jax.diffusion.noise import normal as _normal, split as _split
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "plms", "dpm_solver++", "euler", "heun")
+SAMPLERS = ("ddpm", "ddim", "plms", "dpm_solver++", "euler", "heun", "edm", "unipc")
+DISCRETE_SAMPLERS = SAMPLERS[:7]  # the discrete path's own; unipc runs in `solvers` on a DiscreteProcess
 SPACINGS = ("leading", "trailing", "linspace")
 PLMS_COEFFS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 KARRAS_MIN_ALPHA_BAR = 2.0**-24  # sigma_max stays finite under zero terminal SNR (as diffusers does)
@@ -102,7 +104,7 @@ def _plan(schedule: NoiseSchedule, sampler: str, num_steps: int, spacing: str, o
     """Per-step float64/int arrays (leading axis = step) that the scan runs over."""
     T = schedule.num_timesteps
     abar = schedule.alphas_cumprod
-    if sampler in ("euler", "heun"):
+    if sampler in ("euler", "heun", "edm"):
         sigma_table = np.sqrt((1.0 - abar) / np.maximum(abar, KARRAS_MIN_ALPHA_BAR))
         if karras_sigmas:  # Karras et al. 2022 eq. 5, rho = 7; t recovered by log-sigma interpolation
             rho, ramp = 7.0, np.linspace(0.0, 1.0, num_steps)
@@ -113,7 +115,11 @@ def _plan(schedule: NoiseSchedule, sampler: str, num_steps: int, spacing: str, o
             t_model = timesteps(T, num_steps, spacing, offset)
             sigmas = sigma_table[t_model]
         sigma_next = np.append(sigmas[1:], 0.0)
-        return dict(t=t_model, sigma=sigmas, sigma_next=sigma_next, t_next=np.append(t_model[1:], t_model[-1]))
+        if sampler == "edm":  # the noisier time after the churn is found in this table (log sigma, increasing in t)
+            plan_extra = dict(log_sigma_table=np.log(sigma_table))
+        else:
+            plan_extra = {}
+        return dict(plan_extra, t=t_model, sigma=sigmas, sigma_next=sigma_next, t_next=np.append(t_model[1:], t_model[-1]))
     ts = timesteps(T, num_steps, spacing, offset)
     abar_t = abar[ts]
     abar_s = np.append(abar[ts[1:]], 1.0)
@@ -159,8 +165,18 @@ def sample(
     return_trajectory: int = 0,
     start_step: int = 0,
     after_step=None,
+    times=None,
+    churn: solvers.Churn | None = None,
 ):
     """Draw x_0 [shape] by running `sampler` for `num_steps` network evaluations' worth of steps.
+
+    `schedule` is a discrete `NoiseSchedule` or any `processes.Process`. A schedule (or a
+    "discrete" process) runs the discrete path below, bit for bit as it always has, for the
+    samplers it has; "unipc", "edm" and dpm_solver++ of order 3 run in `solvers` over the same
+    timesteps. A continuous process (flow, edm, vdm) always runs in `solvers`: model_fn then
+    receives float times in the process's own time, `times` may give the grid (default
+    `proc.time_grid(num_steps)`), spacing is not used, and prediction may also be "velocity".
+    churn: EDM's `solvers.Churn(s_churn, s_tmin, s_tmax, s_noise)` for sampler "edm".
 
     model_fn(x_t [B, ...] float32, t [B]) -> prediction with x_t's shape (twice the channels for
       variance="learned_range"). t is int32, except for euler/heun with karras_sigmas, where it is
@@ -185,10 +201,22 @@ def sample(
       e.g. RePaint-style inpainting blending; it may also call `jax.debug.callback`.
     """
     gaussian.check_choice("sampler", sampler, SAMPLERS)
+    schedule = processes.as_process(schedule)
+    if schedule.continuous or sampler not in DISCRETE_SAMPLERS or order == 3:
+        return _sample_in_solvers(model_fn, schedule, shape, rng, sampler, num_steps, prediction, eta,
+                                  variance=variance, spacing=spacing, steps_offset=steps_offset,
+                                  karras_sigmas=karras_sigmas, order=order, clip_x0=clip_x0, x_T=x_T,
+                                  return_trajectory=return_trajectory, start_step=start_step,
+                                  after_step=after_step, times=times, churn=churn)
+    if times is not None:
+        raise ValueError(f"times is for continuous processes and the unipc sampler, not {sampler!r} on a discrete schedule")
+    if churn is not None and sampler != "edm":
+        raise ValueError(f"churn is for the edm sampler, not {sampler!r}")
+    schedule = schedule.schedule
     gaussian.check_choice("prediction", prediction, gaussian.PREDICTIONS)
     gaussian.check_choice("variance", variance, gaussian.VARIANCES)
     if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2 (dpm_solver++), got {order!r}")
+        raise ValueError(f"order must be 1, 2 or 3 (dpm_solver++), got {order!r}")
     if return_trajectory < 0:
         raise ValueError(f"return_trajectory must be >= 0, got {return_trajectory}")
     shape = tuple(int(d) for d in shape)
@@ -199,33 +227,46 @@ def sample(
                      int(start_step))
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    table = plan.pop("log_sigma_table", None)
     plan = {k: np.asarray(v, np.int32 if k in ("t", "t_next") and v.dtype.kind == "i" else np.float32)[start_step:]
             for k, v in plan.items()}
+    if table is not None:
+        plan["log_sigma_table"] = np.asarray(table, np.float32)
     hook = None if after_step is None else as_pytree_fn(after_step)
-    return _sample(as_pytree_fn(model_fn), plan, rng, jnp.asarray(eta, jnp.float32), x_T, hook, config=config)
+    churn = solvers.Churn(*(jnp.float32(c) for c in (churn or solvers.Churn())))
+    return _sample(as_pytree_fn(model_fn), plan, rng, jnp.asarray(eta, jnp.float32), x_T, hook, churn, config=config)
 
 
-def _batched_keys(rng) -> bool:
-    """Whether `rng` is a batch of keys (typed keys [B], or raw uint32 keys [B, 2])."""
-    return jnp.ndim(rng) > (0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1)
-
-
-def _split(rng, n):
-    """n keys from one key ([n, ...]), or from a batch of keys ([n, B, ...], per example)."""
-    if _batched_keys(rng):
-        return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(rng)
-    return jax.random.split(rng, n)
-
-
-def _normal(rng, shape):
-    """N(0, I) of `shape`; with a batch of keys, example b drawn from key b alone."""
-    if _batched_keys(rng):
-        return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(rng)
-    return jax.random.normal(rng, shape, jnp.float32)
+def _sample_in_solvers(model_fn, proc, shape, rng, sampler, num_steps, prediction, eta, *, variance, spacing,
+                       steps_offset, karras_sigmas, order, clip_x0, x_T, return_trajectory, start_step, after_step,
+                       times, churn):
+    """`samplers.sample` for a continuous process, or for a sampler only `solvers` has."""
+    if variance != "fixed_small":
+        raise ValueError(f"variance {variance!r} is for the discrete ddpm sampler; {sampler!r} on a "
+                         f"{proc.name} process uses the posterior variance (fixed_small)")
+    if after_step is not None:
+        raise ValueError(f"after_step (inpainting's blending) is not supported with sampler {sampler!r} on a "
+                         f"{proc.name} process yet")
+    if proc.continuous:
+        if steps_offset or karras_sigmas:
+            raise ValueError(f"steps_offset and karras_sigmas select discrete timesteps; a {proc.name} process "
+                             "takes its grid from proc.time_grid (or times=...)")
+    elif times is None:
+        T = proc.schedule.num_timesteps
+        if karras_sigmas:  # Karras et al. 2022 eq. 5 between the table's ends, at fractional t
+            table = proc.schedule.sigmas
+            sig = processes.karras_sigmas(table[0], min(table[-1], 1 / np.sqrt(KARRAS_MIN_ALPHA_BAR)), num_steps)
+            ts = np.interp(np.log(sig), np.log(np.clip(table, 1e-30, None)), np.arange(T))
+        else:
+            ts = timesteps(T, num_steps, spacing, steps_offset)
+        times = np.append(ts, -1)
+    return solvers.sample(model_fn, proc, shape, rng, sampler, num_steps, prediction, eta, times=times,
+                          order=order, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory,
+                          start_step=start_step, churn=churn or solvers.Churn())
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _sample(model_fn, plan, rng, eta, x_T, after_step, *, config: _Config):
+def _sample(model_fn, plan, rng, eta, x_T, after_step, churn, *, config: _Config):
     init_key, loop_key = _split(rng, 2)
     x = _normal(init_key, config.shape) if x_T is None else x_T.astype(jnp.float32)
     batch = config.shape[0]
@@ -241,10 +282,13 @@ def _sample(model_fn, plan, rng, eta, x_T, after_step, *, config: _Config):
 
     step_fns = {
         "ddpm": _ddpm_step, "ddim": _ddim_step, "plms": _plms_step,
-        "dpm_solver++": _dpm_step, "euler": _karras_step, "heun": _karras_step,
+        "dpm_solver++": _dpm_step, "euler": _karras_step, "heun": _karras_step, "edm": _edm_step,
     }
     step, carry = step_fns[config.sampler], _init_carry(config, x)
-    ctx = dict(config=config, model=model, predict=predict, eta=eta, num_steps=N)
+    plan = dict(plan)
+    log_sigma_table = plan.pop("log_sigma_table", None)
+    ctx = dict(config=config, model=model, predict=predict, eta=eta, num_steps=N, churn=churn,
+               log_sigma_table=log_sigma_table)
     xs = dict(plan, i=jnp.arange(config.start_step, N), key=_split(loop_key, visited))
 
     k = config.record_every
@@ -389,3 +433,23 @@ def _karras_step(ctx, carry, inp):
 
         x_next = jax.lax.cond(sigma_next > 0, correct, lambda _: x_next, None)
     return {"x": x_next / jnp.sqrt(1.0 + sigma_next**2)}, x_vp, x0
+
+
+def _edm_step(ctx, carry, inp):
+    """Karras et al. 2022 Alg. 2 on a discrete schedule, in their sigma-space: raise the noise to
+    sigma_hat = (1 + gamma) sigma, gamma = min(S_churn / N, sqrt 2 - 1) where S_tmin <= sigma <=
+    S_tmax, by adding sqrt(sigma_hat^2 - sigma^2) S_noise z, then a Heun step from sigma_hat (at the
+    fractional timestep whose log sigma interpolates to it) to the next sigma."""
+    churn, table = ctx["churn"], ctx["log_sigma_table"]
+    sigma = inp["sigma"]
+    inside = (churn.s_tmin <= sigma) & (sigma <= churn.s_tmax)
+    gamma = jnp.where(inside, jnp.minimum(churn.s_churn / ctx["num_steps"], 2.0**0.5 - 1.0), 0.0)
+    sigma_hat = sigma * (1.0 + gamma)
+    t_hat = jnp.interp(jnp.log(sigma_hat), table, jnp.arange(table.shape[0], dtype=jnp.float32))
+    t_hat = jnp.where(gamma > 0, t_hat, inp["t"])
+    x_ve = carry["x"] * jnp.sqrt(1.0 + sigma**2)
+    noise = _normal(inp["key"], x_ve.shape)
+    x_ve = x_ve + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * churn.s_noise * noise
+    carry = {"x": x_ve / jnp.sqrt(1.0 + sigma_hat**2)}
+    ctx = dict(ctx, config=ctx["config"]._replace(sampler="heun"))
+    return _karras_step(ctx, carry, dict(inp, sigma=sigma_hat, t=t_hat))

@@ -1,0 +1,275 @@
+"""Samplers over any process (`processes.Process`): euler, heun, ddim, ddpm, dpm_solver++ (1-3),
+unipc and EDM's stochastic sampler, written with alpha(t), sigma(t) and their time derivatives only.
+
+`samplers.sample` calls `sample` here for the continuous processes and for the samplers the
+discrete path does not have. A sampler visits `times` t_0 = t_max > t_1 > ... > t_N (the clean
+end; `proc.time_grid(N)` unless given) and evaluates the network at t_0..t_{N-1}:
+- euler / heun integrate the probability-flow ODE dx/dt = alpha' x0_hat + sigma' eps_hat in the
+  process's own time (for EDM that is Karras et al.'s sigma-space Alg. 1; for flow, SD3's Euler on
+  the velocity). Heun does not correct the last step (Karras et al. 2022, Alg. 1).
+- ddim / ddpm / dpm_solver++ / unipc work in log-SNR lambda = log(alpha/sigma) and need only alpha
+  and sigma at the grid (Lu et al. 2022; Zhao et al. 2023), so they run any process unchanged.
+- edm: Karras et al. 2022 Alg. 2: raise the noise by gamma = min(S_churn/N, sqrt(2) - 1) where
+  S_tmin <= sigma/alpha <= S_tmax, then a Heun step; the noisier time comes from
+  `proc.time_at_log_snr`, so it runs every process.
+The loop is one jitted `lax.scan`; the process is a traced pytree (VDM's learned gamma stays a
+leaf), and the model a `Partial`, so new parameters or prompts reuse the compiled program.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.diffusion import processes as processes_lib
+from ldm_jax.diffusion.model_fn import as_pytree_fn
+from ldm_jax.diffusion.noise import normal, split
+
+SOLVERS = ("euler", "heun", "ddim", "ddpm", "dpm_solver++", "unipc", "edm")
+
+
+class Churn(NamedTuple):
+    """EDM's stochastic sampler settings (Karras et al. 2022, Alg. 2 and Table 5)."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+
+
+class _Config(NamedTuple):
+    sampler: str
+    num_steps: int
+    shape: tuple
+    prediction: str
+    order: int
+    clip_x0: float | None
+    record_every: int
+    start_step: int
+    lower_order_final: bool
+
+
+def check_times(times, proc: processes_lib.Process) -> np.ndarray:
+    """A sampling grid: 1-D, at least 2 times, strictly decreasing (towards the clean end)."""
+    times = np.asarray(times)
+    if times.ndim != 1 or times.size < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 times (num_steps + 1), got shape {times.shape}")
+    if not np.all(np.diff(times.astype(np.float64)) < 0):
+        raise ValueError(f"times must decrease strictly from the noisy end to the clean end, got {times}")
+    if proc.continuous:
+        return times.astype(np.float32)
+    return times.astype(np.int32) if np.all(times == np.round(times)) else times.astype(np.float32)
+
+
+def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 50, prediction: str = "eps",
+           eta=0.0, *, times=None, order: int = 2, clip_x0: float | None = None, x_T=None,
+           return_trajectory: int = 0, start_step: int = 0, churn: Churn = Churn(),
+           lower_order_final: bool = True):
+    """Draw x_0 [shape] from `proc` with `sampler` over num_steps steps (see the module docstring).
+
+    times: the grid (num_steps + 1 times, decreasing to the clean end); default proc.time_grid.
+    eta: ddim's noise (0 deterministic, 1 ancestral); ddpm is ddim with eta = 1.
+    order: dpm_solver++ 1, 2 or 3 (multistep, data prediction); unipc 1, 2 or 3.
+    lower_order_final: the last step first order and, under 15 steps, the one before at most
+      second order (as diffusers' multistep schedulers).
+    x_T: the initial state (default proc.prior_std * N(0, I)); with start_step, the state at
+      grid time times[start_step] (SDEdit).
+    churn: `Churn(s_churn, s_tmin, s_tmax, s_noise)` for sampler "edm".
+    """
+    processes_lib._check("sampler", sampler, SOLVERS)
+    processes_lib._check("prediction", prediction, processes_lib.PREDICTIONS)
+    max_order = 3
+    if not 1 <= order <= max_order:
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    shape = tuple(int(d) for d in shape)
+    times = check_times(proc.time_grid(int(num_steps)) if times is None else times, proc)
+    if len(times) != num_steps + 1:
+        raise ValueError(f"times has {len(times)} entries; num_steps={num_steps} needs {num_steps + 1}")
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+    if return_trajectory < 0:
+        raise ValueError(f"return_trajectory must be >= 0, got {return_trajectory}")
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    if prediction == "eps" and start_step == 0:
+        alpha_max = float(proc.alpha_sigma(jnp.asarray(times[:1]))[0][0])
+        if alpha_max == 0.0:
+            raise ValueError(f"prediction 'eps' cannot start at t={times[0]}, where alpha = 0 (pure noise: x0 is "
+                             "undefined from eps); predict 'velocity', 'v' or 'x0', or start the grid below it")
+    config = _Config(sampler, int(num_steps), shape, prediction, int(order), clip_x0, int(return_trajectory),
+                     int(start_step), bool(lower_order_final))
+    churn = Churn(*(jnp.float32(c) for c in churn))
+    return _sample(as_pytree_fn(model_fn), proc, jnp.asarray(times), rng, jnp.asarray(eta, jnp.float32), x_T, churn,
+                   config=config)
+
+
+def _levels(proc, t):
+    """(alpha, sigma, alpha', sigma') at times t; discrete integer times have no derivatives."""
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        alpha, sigma = proc.alpha_sigma(t)
+        return alpha, sigma, jnp.zeros_like(alpha), jnp.zeros_like(sigma)
+    return proc.alpha_sigma_derivatives(t)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _sample(model_fn, proc, times, rng, eta, x_T, churn, *, config: _Config):
+    init_key, loop_key = split(rng, 2)
+    batch, N = config.shape[0], config.num_steps
+    if x_T is None:
+        x = proc.prior_std * normal(init_key, config.shape) if config.start_step == 0 else None
+    else:
+        x = x_T.astype(jnp.float32)
+    alpha, sigma, d_alpha, d_sigma = _levels(proc, times)
+
+    def predict(x_t, t, a, s, da, ds):
+        out = model_fn(x_t, jnp.broadcast_to(t, (batch,))).astype(jnp.float32)
+        x0, eps = processes_lib.to_x0_eps(config.prediction, out, x_t, a, s, da, ds)
+        if config.clip_x0 is not None:
+            x0 = jnp.clip(x0, -config.clip_x0, config.clip_x0)
+            eps = (x_t - a * x0) / s
+        return x0, eps
+
+    ctx = dict(config=config, predict=predict, eta=eta, proc=proc, churn=churn)
+    steps = jnp.arange(config.start_step, N)
+    xs = dict(i=steps, t=times[steps], t_next=times[steps + 1], key=split(loop_key, N - config.start_step),
+              a=alpha[steps], s=sigma[steps], da=d_alpha[steps], ds=d_sigma[steps],
+              a_next=alpha[steps + 1], s_next=sigma[steps + 1], da_next=d_alpha[steps + 1], ds_next=d_sigma[steps + 1])
+    step = _STEPS[config.sampler]
+    carry = {"x": x, "hist_x0": jnp.zeros((max(config.order, 3),) + config.shape), "hist_lam": jnp.zeros((3,)),
+             "eps_prev": jnp.zeros(config.shape), "count": jnp.zeros((), jnp.int32)}
+
+    k = config.record_every
+    visited = N - config.start_step
+    record = ({"x_t": jnp.zeros((math.ceil(visited / k),) + config.shape),
+               "pred_x0": jnp.zeros((math.ceil(visited / k),) + config.shape)} if k else None)
+
+    def body(state, inp):
+        carry, record = state
+        x_t = carry["x"]
+        carry, pred_x0 = step(ctx, carry, inp)
+        if record is not None:
+            j = inp["i"] - config.start_step
+            slot, keep = j // k, j % k == 0
+            record = {"x_t": record["x_t"].at[slot].set(jnp.where(keep, x_t, record["x_t"][slot])),
+                      "pred_x0": record["pred_x0"].at[slot].set(jnp.where(keep, pred_x0, record["pred_x0"][slot]))}
+        return (carry, record), None
+
+    (carry, record), _ = jax.lax.scan(body, (carry, record), xs)
+    if record is None:
+        return carry["x"]
+    return carry["x"], dict(record, t=times[config.start_step:N][::k])
+
+
+# ----------------------------------------------------------------------------- the steps
+# (ctx, carry, inp) -> (carry, predicted x_0 at this step).
+
+
+def _lam(a, s):
+    """log-SNR / 2 = log(alpha / sigma) (-inf at alpha = 0, +inf at sigma = 0)."""
+    return jnp.log(a) - jnp.log(s)
+
+
+def _euler_heun_step(ctx, carry, inp):
+    x, dt = carry["x"], inp["t_next"] - inp["t"]
+    x0, eps = ctx["predict"](x, inp["t"], inp["a"], inp["s"], inp["da"], inp["ds"])
+    d = inp["da"] * x0 + inp["ds"] * eps
+    # The step to the clean end (sigma = 0) lands on x0_hat: Euler's x + (0 - sigma) d in sigma-space
+    # (EDM) and in t (flow) alike, and the only meaning a jump to a discrete schedule's "clean" has.
+    x_next = jnp.where(inp["s_next"] == 0, inp["a_next"] * x0, x + dt * d)
+    if ctx["config"].sampler == "heun":
+        def correct(_):
+            x0n, epsn = ctx["predict"](x_next, inp["t_next"], inp["a_next"], inp["s_next"], inp["da_next"],
+                                       inp["ds_next"])
+            return x + dt * (d + inp["da_next"] * x0n + inp["ds_next"] * epsn) / 2.0
+
+        x_next = jax.lax.cond(inp["i"] < ctx["config"].num_steps - 1, correct, lambda _: x_next, None)
+    return dict(carry, x=x_next), x0
+
+
+def _ddim_step(ctx, carry, inp, eta=None):
+    """DDIM (Song et al. 2021, eq. 12) for any process: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z,
+    c = eta sigma_s sqrt(1 - e^{-2h}), h = lambda_s - lambda_t (c^2 is the posterior variance at eta = 1)."""
+    x = carry["x"]
+    x0, eps = ctx["predict"](x, inp["t"], inp["a"], inp["s"], inp["da"], inp["ds"])
+    eta = ctx["eta"] if eta is None else eta
+    ratio = inp["a"] * inp["s_next"] / (inp["a_next"] * inp["s"])  # e^{-h}
+    c = eta * inp["s_next"] * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
+    z = normal(inp["key"], x.shape)
+    x_next = inp["a_next"] * x0 + jnp.sqrt(jnp.maximum(inp["s_next"] ** 2 - c**2, 0.0)) * eps + c * z
+    return dict(carry, x=x_next), x0
+
+
+def _ddpm_step(ctx, carry, inp):
+    """Ancestral sampling from the posterior q(x_s | x_t, x0_hat) (DDPM eq. 7 for any alpha, sigma):
+    DDIM with eta = 1."""
+    return _ddim_step(ctx, carry, inp, eta=1.0)
+
+
+def multistep_order(config: _Config, i, count):
+    """The order a multistep solver may use at step i after `count` model evaluations (diffusers'
+    rule: warm up one order per step; with lower_order_final the last step first order and, under
+    15 steps, the one before at most second)."""
+    order = jnp.minimum(config.order, count + 1)
+    if config.lower_order_final:
+        last = i == config.num_steps - 1
+        second_last = (i == config.num_steps - 2) & (config.num_steps < 15)
+        order = jnp.where(last, 1, jnp.where(second_last, jnp.minimum(order, 2), order))
+    return order
+
+
+def _push(hist, value):
+    return jnp.concatenate([value[None], hist[:-1]], axis=0)
+
+
+def _dpm_step(ctx, carry, inp):
+    """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2; order 3 as diffusers' third-order update) in
+    data prediction, h = lambda_s - lambda_t; written with the ratios e^{-h} and alpha_s so the step to
+    sigma_s = 0 and the step from alpha_t = 0 stay finite."""
+    x, config = carry["x"], ctx["config"]
+    x0, _ = ctx["predict"](x, inp["t"], inp["a"], inp["s"], inp["da"], inp["ds"])
+    lam_t, lam_s = _lam(inp["a"], inp["s"]), _lam(inp["a_next"], inp["s_next"])
+    h = lam_s - lam_t
+    m0, m1, m2 = x0, carry["hist_x0"][0], carry["hist_x0"][1]
+    h0, h1 = lam_t - carry["hist_lam"][0], carry["hist_lam"][0] - carry["hist_lam"][1]
+    r0, r1 = h0 / h, h1 / h
+    phi1 = -jnp.expm1(-h)  # 1 - e^{-h}
+    base = inp["s_next"] / inp["s"] * x + (inp["a_next"] - inp["s_next"] * inp["a"] / inp["s"]) * m0
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    second = base + 0.5 * inp["a_next"] * phi1 * d1_0
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    third = base + inp["a_next"] * (1.0 - phi1 / h) * d1 - inp["a_next"] * ((h - phi1) / h**2 - 0.5) * d2
+    order = multistep_order(config, inp["i"], carry["count"])
+    x_next = jnp.where(order == 1, base, jnp.where(order == 2, second, third))
+    return dict(carry, x=x_next, hist_x0=_push(carry["hist_x0"], x0), hist_lam=_push(carry["hist_lam"], lam_t),
+                count=carry["count"] + 1), x0
+
+
+def _edm_step(ctx, carry, inp):
+    """Karras et al. 2022 Alg. 2: churn (noise raised to sigma_hat = (1 + gamma) sigma in the
+    scaled space x / alpha, gamma = min(S_churn / N, sqrt 2 - 1) inside [S_tmin, S_tmax]), then Heun."""
+    x, proc, churn, config = carry["x"], ctx["proc"], ctx["churn"], ctx["config"]
+    sigma_ve = inp["s"] / inp["a"]
+    inside = (churn.s_tmin <= sigma_ve) & (sigma_ve <= churn.s_tmax) & jnp.isfinite(sigma_ve)
+    gamma = jnp.where(inside, jnp.minimum(churn.s_churn / config.num_steps, math.sqrt(2.0) - 1.0), 0.0)
+    lam = 2.0 * _lam(inp["a"], inp["s"])
+    t_hat = jnp.where(gamma > 0, proc.time_at_log_snr(lam - 2.0 * jnp.log1p(gamma)), inp["t"]).astype(jnp.float32)
+    a_hat, s_hat, da_hat, ds_hat = proc.alpha_sigma_derivatives(t_hat)
+    z = normal(inp["key"], x.shape)
+    sigma_ve_hat = s_hat / a_hat
+    extra = jnp.sqrt(jnp.maximum(sigma_ve_hat**2 - sigma_ve**2, 0.0)) * churn.s_noise
+    x_hat = jnp.where(gamma > 0, a_hat * (x / inp["a"] + extra * z), x)
+    inp = dict(inp, t=t_hat, a=a_hat, s=s_hat, da=da_hat, ds=ds_hat)
+    return _euler_heun_step(dict(ctx, config=config._replace(sampler="heun")), dict(carry, x=x_hat), inp)
+
+
+def _unipc_step(ctx, carry, inp):
+    raise NotImplementedError("unipc")
+
+
+_STEPS = {"euler": _euler_heun_step, "heun": _euler_heun_step, "ddim": _ddim_step, "ddpm": _ddpm_step,
+          "dpm_solver++": _dpm_step, "unipc": _unipc_step, "edm": _edm_step}

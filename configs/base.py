@@ -69,10 +69,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.conditioning = dict(kind="text", caption_dropout=0.1, num_classes=0)  # kind: "text" | "class"
 
+    # process: "discrete" (the schedule below) | "flow" | "edm" | "vdm", with process_kwargs (flow: shift;
+    # edm: sigma_min, sigma_max, sigma_data, rho; vdm: gamma_min, gamma_max, learned) and
+    # timestep_kwargs (logit_normal: logit_mean, logit_std; lognormal: p_mean, p_std).
     c.diffusion = dict(
+        process="discrete", process_kwargs={},
         schedule="scaled_linear", num_timesteps=1000, zero_terminal_snr=False, schedule_kwargs={},
         objective="simple", prediction="eps", variance="fixed_small",
-        weighting="min_snr", min_snr_gamma=5.0, timestep_sampler="uniform",
+        weighting="min_snr", min_snr_gamma=5.0, timestep_sampler="uniform", timestep_kwargs={},
+        preconditioning="none",  # "edm": Karras et al.'s c_skip, c_out, c_in (process "edm", prediction "x0")
     )
 
     c.sampler = dict(name="dpm_solver++", num_steps=20, eta=0.0, guidance_scale=2.0,

@@ -132,6 +132,8 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(inputs["keys"])
     noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
     x = inputs.get("latents", noise)
+    if model.continuous:  # x_T ~ N(0, prior_std^2), as diffusers' init_noise_sigma (EDM: sqrt(sigma_max^2 + 1))
+        x = x * model.process_of(params).prior_std
 
     z0 = extra = blend = None
     if program.task != "text":
@@ -146,9 +148,12 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
             blend = {"z0": z0, "noise": noise, "keep": 1.0 - m_lat}
     start, visited = program.start_step, program.num_steps - program.start_step
     if program.task == "image" or start:  # img2img always starts from the noised image
-        abar = samplers.alpha_bar_at(model.schedule, program.sampler, program.num_steps, start,
-                                     spacing=program.spacing, steps_offset=program.steps_offset) if visited else 1.0
-        x = math.sqrt(abar) * z0 + math.sqrt(1.0 - abar) * noise
+        if model.continuous:
+            x = model.noised(params, z0, noise, program.num_steps, start)
+        else:
+            abar = samplers.alpha_bar_at(model.schedule, program.sampler, program.num_steps, start,
+                                         spacing=program.spacing, steps_offset=program.steps_offset) if visited else 1.0
+            x = math.sqrt(abar) * z0 + math.sqrt(1.0 - abar) * noise
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
     inter = None

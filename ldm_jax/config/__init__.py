@@ -21,7 +21,7 @@ from typing import Sequence
 import ml_collections
 
 from ldm_jax.data.pipeline import DataConfig
-from ldm_jax.diffusion import gaussian, losses, samplers, schedules
+from ldm_jax.diffusion import gaussian, losses, processes, samplers, schedules, solvers
 from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAutoencoder
 from ldm_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 from ldm_jax.models.unet import DOWN_BLOCK_TYPES, UNet, UP_BLOCK_TYPES
@@ -43,7 +43,7 @@ TEXT_ENCODER_SOURCES = ("scratch", "diffusers:<path>")
 CONDITIONING_KINDS = ("text", "class", "none")  # "none": unconditional (pixel DDPM, bits/dim)
 
 # Sub-dicts whose keys are the caller's own (builder options, schedule keywords).
-FREE_FORM = ("data.options", "diffusion.schedule_kwargs")
+FREE_FORM = ("data.options", "diffusion.schedule_kwargs", "diffusion.process_kwargs", "diffusion.timestep_kwargs")
 # Checked by make_autoencoder (fields depend on autoencoder.kind).
 DELEGATED = ("autoencoder.model", "autoencoder.vq")
 # Constructor fields that a config must not set because another key decides them.
@@ -315,16 +315,70 @@ def _check_conditioning(config) -> None:
         raise ValueError("conditioning.kind='text' needs data.caption_key (the dataset's caption feature)")
 
 
+PRECONDITIONINGS = ("none", "edm")
+
+
+def _check_process(d) -> None:
+    """The keys of a continuous process (diffusion.process 'flow', 'edm' or 'vdm')."""
+    try:
+        proc = processes.make_process(d.process, **d.process_kwargs.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"diffusion.process_kwargs={d.process_kwargs.to_dict()} do not fit "
+                         f"diffusion.process={d.process!r}: {e}") from None
+    _choice("diffusion.objective", d.objective, losses.PROCESS_OBJECTIVES)
+    _choice("diffusion.prediction", d.prediction, processes.PREDICTIONS)
+    _choice("diffusion.weighting", d.weighting, losses.PROCESS_WEIGHTINGS)
+    _choice("diffusion.timestep_sampler", d.timestep_sampler, losses.PROCESS_TIME_SAMPLERS)
+    _choice("diffusion.preconditioning", d.preconditioning, PRECONDITIONINGS)
+    if d.variance != "fixed_small":
+        raise ValueError(f"diffusion.variance={d.variance!r} is the discrete schedule's; a {d.process!r} process "
+                         "samples with the posterior variance: use 'fixed_small'")
+    if d.zero_terminal_snr:
+        raise ValueError(f"diffusion.zero_terminal_snr rescales the discrete schedule; process {d.process!r} "
+                         "has its own noise levels: set it to False")
+    if d.objective == "vlb" and d.process != "vdm":
+        raise ValueError(f"diffusion.objective='vlb' with diffusion.process={d.process!r}: the continuous-time "
+                         "bound is VDM's (process 'vdm'); flow and EDM train on 'simple' (their likelihood "
+                         "comes from the probability-flow ODE)")
+    if d.process == "vdm" and getattr(proc, "learned", False) and d.objective != "vlb":
+        raise ValueError("diffusion.process='vdm' with a learned gamma trains it on the bound: set "
+                         "diffusion.objective='vlb' (or diffusion.process_kwargs.learned=False)")
+    if d.process == "flow" and d.prediction == "eps":
+        raise ValueError("diffusion.prediction='eps' with diffusion.process='flow': sampling starts at t = 1, where "
+                         "alpha = 0 and x0 cannot be recovered from eps; predict 'velocity' (SD3), 'v' or 'x0'")
+    if d.weighting == "sd3" and d.process != "flow":
+        raise ValueError(f"diffusion.weighting='sd3' (CosMap) is for diffusion.process='flow', not {d.process!r}")
+    if d.preconditioning == "edm" and (d.process != "edm" or d.prediction != "x0"):
+        raise ValueError("diffusion.preconditioning='edm' wraps the UNet as EDM's denoiser D(x; sigma) = c_skip x "
+                         "+ c_out F(c_in x): it needs diffusion.process='edm' and diffusion.prediction='x0', not "
+                         f"{d.process!r} and {d.prediction!r}")
+    try:
+        losses.make_process_time_sampler(d.timestep_sampler, proc, **d.timestep_kwargs.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"diffusion.timestep_sampler={d.timestep_sampler!r} with diffusion.timestep_kwargs="
+                         f"{d.timestep_kwargs.to_dict()}: {e}") from None
+
+
 def _check_diffusion(config) -> None:
     d = config.diffusion
     _choice("diffusion.schedule", d.schedule, schedules.SCHEDULES)
+    _choice("diffusion.process", d.process, processes.PROCESSES)
+    if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
+        raise ValueError(f"diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2")
+    if d.process != "discrete":
+        _check_process(d)
+        return
+    for key in ("process_kwargs", "timestep_kwargs"):
+        if d[key].to_dict():
+            raise ValueError(f"diffusion.{key}={d[key].to_dict()} is for a continuous diffusion.process "
+                             "('flow', 'edm', 'vdm'), not 'discrete'")
+    if d.preconditioning != "none":
+        raise ValueError(f"diffusion.preconditioning={d.preconditioning!r} needs diffusion.process='edm'")
     _choice("diffusion.objective", d.objective, losses.OBJECTIVES)
     _choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
     _choice("diffusion.variance", d.variance, gaussian.VARIANCES)
     _choice("diffusion.weighting", d.weighting, losses.WEIGHTINGS)
     _choice("diffusion.timestep_sampler", d.timestep_sampler, losses.TIMESTEP_SAMPLERS)
-    if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
-        raise ValueError(f"diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2")
     try:
         schedules.make_schedule(d.schedule, d.num_timesteps, **d.schedule_kwargs.to_dict())
     except ValueError as e:
@@ -395,6 +449,9 @@ def _check_unet(config) -> None:
 def _check_sampler(config) -> None:
     s = config.sampler
     _choice("sampler.name", s.name, samplers.SAMPLERS)
+    if config.diffusion.process != "discrete" and s.name not in solvers.SOLVERS:
+        raise ValueError(f"sampler.name={s.name!r} runs discrete schedules only; with diffusion.process="
+                         f"{config.diffusion.process!r} use one of: {', '.join(solvers.SOLVERS)}")
     _choice("sampler.spacing", s.spacing, samplers.SPACINGS)
     if not isinstance(s.num_steps, int) or not 1 <= s.num_steps <= config.diffusion.num_timesteps:
         raise ValueError(f"sampler.num_steps={s.num_steps!r} must be in [1, diffusion.num_timesteps="

@@ -186,7 +186,7 @@ def ode_log_likelihood(
     return_interval: bool = False,
 ):
     """log p(x0) in nats per example [B] through the probability-flow ODE (Song et al. 2021,
-    "Score-Based Generative Modeling through SDEs", App. D, eq. 39-40):
+    "Score-Based Generative Modeling through SDEs", App. D.2):
 
         dx/dt = f(x, t) = alpha'(t) x0_hat + sigma'(t) eps_hat,
         log p_{t_eps}(x0) = log N(x(t_max); 0, prior_std^2 I) + int_{t_eps}^{t_max} div_x f(x(t), t) dt,
@@ -199,20 +199,29 @@ def ode_log_likelihood(
     the process's `prior_std`, which is only approximately the marginal at t_max (a bias of order
     the signal left there: alpha(t_max) = 0.068 for SD's scaled_linear schedule).
 
+    Accuracy on Gaussian data in 4 dims (tests/diffusion/test_ode_likelihood.py), max error
+    against the exact ODE, 100 steps: RK4 1e-5 (EDM, VDM) to 1e-4 (flow); Heun 1e-3 (flow, VDM),
+    2e-2 (EDM). RK4 costs twice Heun's evaluations per step and is still 10-1000x closer at equal
+    cost, hence the default. The discrete schedule's alpha, sigma have a kink at every integer t
+    (log sigma is piecewise linear), which holds any fixed-step solver to ~5e-3 there.
+
     divergence: "exact" (the Jacobian's trace, one jvp per dimension, vmapped: for small D) or
     "hutchinson" (Skilling-Hutchinson: E[v^T J v] = tr J for Rademacher probes v; `num_probes` K
-    probes, fixed along the trajectory, K jvps per evaluation). Default: exact when an example
-    has <= 64 dimensions, else hutchinson.
+    probes, fixed along the trajectory, K jvps per evaluation, drawn from `rng`). Default: exact
+    when an example has <= 64 dimensions, else hutchinson.
 
     return_interval: also return half_width [B], so that ll +- half_width is a 95% interval of the
     Hutchinson estimate: 1.96 std_k(ll_k) / sqrt(K) over the K per-probe estimates ll_k (which
     share the trajectory and differ only in the divergence integral). It covers the probes'
-    randomness, not the solver's discretisation error; 0 for exact, inf for K = 1.
+    randomness, not the solver's discretisation error; 0 for exact, inf for K = 1 (std_k is the
+    sample standard deviation).
 
-    model_fn(x_t, t [B] in the process's time) -> prediction; pass a `jax.tree_util.Partial` (and
-    the process itself is a pytree) so parameters, VDM's gamma included, stay traced: one program
-    per (process settings, shape, options). The ODE needs f at t_max: "eps" is undefined where
-    alpha(t_max) = 0 (flow) and is refused there. See `nats_to_bits_per_dim` for bits/dim.
+    model_fn(x_t, t [B] in the process's time) -> prediction, each example on its own (the
+    divergence is taken through the whole batch at once: no batch statistics); pass a
+    `jax.tree_util.Partial` (the process itself is a pytree) so parameters, VDM's gamma included,
+    stay traced: one program per (model function, process settings, shape, prediction, solver).
+    The ODE needs f at t_max: "eps" is undefined where alpha(t_max) = 0 (flow) and is refused
+    there. See `nats_to_bits_per_dim` for bits/dim.
     """
     gaussian.check_choice("prediction", prediction, processes.PREDICTIONS)
     gaussian.check_choice("solver", solver, SOLVERS)
@@ -230,23 +239,24 @@ def ode_log_likelihood(
     times = ode_time_grid(proc, num_steps, t_eps)
     with jax.ensure_compile_time_eval():  # a Python float, even under an outer jit
         prior_std = float(proc.prior_std)
+    # Drawn outside the ODE's program, whose compile time would double with the RNG's.
+    probes = None if divergence == "exact" else jax.random.rademacher(rng, (num_probes,) + np.shape(x0), jnp.float32)
     ll, half_width = _ode_log_likelihood(
-        as_pytree_fn(model_fn), proc, x0, rng, jnp.asarray(times), prior_std,
-        prediction=prediction, divergence=divergence, num_probes=num_probes, solver=solver,
-    )
+        as_pytree_fn(model_fn), proc, x0, probes, jnp.asarray(times), prior_std, prediction=prediction, solver=solver)
     return (ll, half_width) if return_interval else ll
 
 
-@functools.partial(jax.jit, static_argnames=("prediction", "divergence", "num_probes", "solver"))
-def _ode_log_likelihood(model_fn, proc, x0, rng, times, prior_std, *, prediction, divergence, num_probes, solver):
+@functools.partial(jax.jit, static_argnames=("prediction", "solver"))
+def _ode_log_likelihood(model_fn, proc, x0, probes, times, prior_std, *, prediction, solver):
+    """probes: Rademacher [K, B, ...] (Hutchinson) or None (exact divergence)."""
     x0 = jnp.asarray(x0, jnp.float32)
     batch, event = x0.shape[0], x0.shape[1:]
     dims = math.prod(event)
     sum_event = lambda a: jnp.sum(a, axis=tuple(range(a.ndim - len(event), a.ndim)))  # noqa: E731
-    if divergence == "exact":  # basis vector d in every example at once: (J e_d)_d = J_dd
+    exact = probes is None
+    if exact:  # basis vector d in every example at once: (J e_d)_d = J_dd
         probes = jnp.broadcast_to(jnp.eye(dims, dtype=jnp.float32).reshape((dims, 1) + event), (dims,) + x0.shape)
-    else:
-        probes = jax.random.rademacher(rng, (num_probes,) + x0.shape, jnp.float32)  # [K, B, ...]
+    num_probes = probes.shape[0]
 
     def velocity(x, t_scalar):
         t = jnp.full((batch,), t_scalar, jnp.float32)
@@ -283,7 +293,7 @@ def _ode_log_likelihood(model_fn, proc, x0, rng, times, prior_std, *, prediction
     init = (x0, jnp.zeros(probes.shape[:2], jnp.float32))
     (x_end, integral), _ = jax.lax.scan(body, init, jnp.stack([times[:-1], times[1:]], axis=1))
     log_prior = -0.5 * sum_event(x_end**2) / prior_std**2 - dims * (jnp.log(prior_std) + 0.5 * math.log(2 * math.pi))
-    if divergence == "exact":
+    if exact:
         return log_prior + jnp.sum(integral, axis=0), jnp.zeros((batch,), jnp.float32)
     ll_k = log_prior + integral  # [K, B]
     spread = jnp.std(ll_k, axis=0, ddof=1) if num_probes > 1 else jnp.full((batch,), jnp.inf)

@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion import gaussian, likelihood
+from ldm_jax.diffusion import gaussian, likelihood, processes
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 OBJECTIVES = ("simple", "vlb", "hybrid")
@@ -154,3 +154,143 @@ def make_timestep_sampler(name: str, num_timesteps: int, *, history: int = 10, u
         return state
 
     return TimestepSampler(init=init, sample=sample, update=update)
+
+
+# ----------------------------------------------------------------------------- continuous processes
+
+PROCESS_OBJECTIVES = ("simple", "vlb")  # vlb: VDM's continuous-time bound (process "vdm" only)
+PROCESS_WEIGHTINGS = ("none", "min_snr", "edm", "sd3")
+PROCESS_TIME_SAMPLERS = ("uniform", "logit_normal", "lognormal")
+
+
+def edm_weight(sigma_ve, sigma_data: float):
+    """EDM's loss weight in x0-space, lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    (Karras et al. 2022, Table 1): with EDM's preconditioning it gives the network's output unit weight."""
+    return (sigma_ve**2 + sigma_data**2) / (sigma_ve * sigma_data) ** 2
+
+
+def sd3_cosmap_weight(t):
+    """SD3's CosMap weighting of the velocity loss (Esser et al. 2024, sec. 3.1; diffusers'
+    `compute_loss_weighting_for_sd3(weighting_scheme="cosmap")`): 2 / (pi (1 - 2t + 2t^2))."""
+    return 2.0 / (math.pi * (1.0 - 2.0 * t + 2.0 * t**2))
+
+
+def make_process_loss_fn(
+    process,
+    *,
+    objective: str = "simple",
+    prediction: str = "velocity",
+    weighting: str = "none",
+    min_snr_gamma: float = 5.0,
+    sigma_data: float = 0.5,
+    decoder: str = "continuous",
+) -> Callable:
+    """Return loss_fn(model_fn, proc, x0, t, noise) -> LossTerms for a continuous process.
+
+    `proc` is the process to use in the step (`process` with its learned parameters bound, for VDM);
+    t [B] float in the process's own time; model_fn(x_t, t) -> the `prediction`.
+    simple: mean over dims of w(t) (target - output)^2 with the prediction's own target (eps, x0, v,
+      or velocity = alpha' x0 + sigma' eps, e.g. eps - x0 for flow: SD3's), and w one of
+      none; min_snr (Hang et al. 2023: min(SNR, gamma) in x0-space, divided by the prediction's
+      squared x0-error scale, `processes.x0_error_scale`); edm (lambda(sigma) in x0-space with
+      sigma = sigma/alpha, divided likewise: EDM's loss when the model is EDM-preconditioned); sd3
+      (CosMap, for flow).
+    vlb (process "vdm"): VDM's continuous-time bound (Kingma et al. 2021, eq. 17 for T -> inf), in
+      bits/dim per example: the diffusion term 1/2 gamma'(t) ||eps - eps_hat||^2 (t ~ U(0, 1): an
+      unbiased estimate of its integral), plus the prior KL(q(z_1 | x) || N(0, I)) and the
+      reconstruction -log p(x | z_0) ("continuous": N(x; z_0/alpha_0, sigma_0^2/alpha_0^2);
+      "discretized": the same Gaussian over 8-bit bins). Its gradient trains gamma's endpoints
+      (through the prior and reconstruction terms) and its shape.
+    """
+    gaussian.check_choice("objective", objective, PROCESS_OBJECTIVES)
+    gaussian.check_choice("prediction", prediction, processes.PREDICTIONS)
+    gaussian.check_choice("weighting", weighting, PROCESS_WEIGHTINGS)
+    gaussian.check_choice("decoder", decoder, likelihood.DECODERS)
+    if objective == "vlb" and process.name != "vdm":
+        raise ValueError(f"objective 'vlb' is VDM's continuous-time bound: it needs process 'vdm', not "
+                         f"{process.name!r} (flow and EDM have no variational bound to train on; their "
+                         "likelihood comes from likelihood.ode_log_likelihood)")
+    if weighting == "sd3" and process.name != "flow":
+        raise ValueError(f"weighting 'sd3' (CosMap) is for process 'flow', not {process.name!r}")
+
+    def loss_fn(model_fn, proc, x0, t, noise) -> LossTerms:
+        x0 = x0.astype(jnp.float32)
+        t = t.astype(jnp.float32)
+        alpha, sigma, d_alpha, d_sigma = proc.alpha_sigma_derivatives(t)
+        a, s = gaussian.broadcast_to_rank(alpha, x0), gaussian.broadcast_to_rank(sigma, x0)
+        x_t = a * x0 + s * noise
+        output = model_fn(x_t, t).astype(jnp.float32)
+        target = processes.target_for(prediction, x0, noise, alpha, sigma, d_alpha, d_sigma)
+        mse = likelihood.mean_flat((target - output) ** 2)
+        if objective == "vlb":
+            return _vdm_terms(proc, prediction, output, x0, x_t, t, noise, alpha, sigma, d_alpha, d_sigma, decoder,
+                              mse)
+        scale2 = processes.x0_error_scale(prediction, alpha, sigma, d_alpha, d_sigma) ** 2
+        if weighting == "none":
+            weight = 1.0
+        elif weighting == "min_snr":
+            weight = jnp.minimum((alpha / sigma) ** 2, min_snr_gamma) / scale2
+        elif weighting == "edm":
+            weight = edm_weight(sigma / alpha, sigma_data) / scale2
+        else:
+            weight = sd3_cosmap_weight(t)
+        return LossTerms(loss=weight * mse, mse=mse, vb=jnp.zeros_like(mse))
+
+    return loss_fn
+
+
+def _vdm_terms(proc, prediction, output, x0, x_t, t, noise, alpha, sigma, d_alpha, d_sigma, decoder, mse):
+    """VDM's bound, per example, in bits/dim (see make_process_loss_fn)."""
+    eps_hat = processes.to_x0_eps(prediction, output, x_t, alpha, sigma, d_alpha, d_sigma)[1]
+    _, d_gamma = jax.jvp(proc.gamma, (t,), (jnp.ones_like(t),))
+    diffusion = 0.5 * d_gamma * jnp.sum((noise - eps_hat) ** 2, axis=tuple(range(1, x0.ndim)))
+    ones = jnp.ones_like(t)
+    a1, s1 = proc.alpha_sigma(ones)
+    a1, s1 = gaussian.broadcast_to_rank(a1, x0), gaussian.broadcast_to_rank(s1, x0)
+    prior = jnp.sum(likelihood.normal_kl(a1 * x0, 2.0 * jnp.log(s1), 0.0, 0.0), axis=tuple(range(1, x0.ndim)))
+    a0, s0 = proc.alpha_sigma(jnp.zeros_like(t))
+    a0, s0 = gaussian.broadcast_to_rank(a0, x0), gaussian.broadcast_to_rank(s0, x0)
+    z0 = a0 * x0 + s0 * noise  # the same noise: an unbiased estimate all the same
+    log_scale = jnp.log(s0) - jnp.log(a0)
+    if decoder == "discretized":
+        log_p = likelihood.discretized_gaussian_log_likelihood(x0, z0 / a0, log_scale)
+    else:
+        log_p = likelihood.continuous_gaussian_log_likelihood(x0, z0 / a0, 2.0 * log_scale)
+    recon = -jnp.sum(log_p, axis=tuple(range(1, x0.ndim)))
+    vb = (diffusion + prior + recon) / (math.prod(x0.shape[1:]) * math.log(2.0))
+    return LossTerms(loss=vb, mse=mse, vb=vb)
+
+
+def make_process_time_sampler(name: str, process, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                              p_mean: float = -1.2, p_std: float = 1.2) -> TimestepSampler:
+    """Training times for a continuous process (same interface as `make_timestep_sampler`, weights 1):
+    uniform: U(t_min, t_max) in the process's own time (`proc.sample_time`; flow's then shifted);
+    logit_normal: t = sigmoid(m + s n), n ~ N(0, 1), over [0, 1] (Esser et al. 2024, sec. 3.1; m = 0,
+      s = 1 best of their 61), then flow's shift; for processes with t in [0, 1];
+    lognormal: EDM's ln(sigma/alpha) ~ N(p_mean, p_std^2) (Karras et al. 2022, sec. 5), mapped to the
+      process's time through its log-SNR.
+    """
+    gaussian.check_choice("timestep sampler", name, PROCESS_TIME_SAMPLERS)
+    if name == "logit_normal" and (process.t_min, process.t_max) != (0.0, 1.0):
+        raise ValueError(f"timestep sampler 'logit_normal' draws t in (0, 1): process {process.name!r} has "
+                         f"t in [{process.t_min}, {process.t_max}]; use 'lognormal' or 'uniform'")
+    if name == "lognormal" and getattr(process, "learned", False):  # sample() never sees the bound schedule
+        raise ValueError(f"timestep sampler 'lognormal' maps sigma to t through a fixed schedule: process "
+                         f"{process.name!r} learns its gamma; use 'uniform' or 'logit_normal' (or learned=False)")
+
+    def sample(state, rng, batch):
+        if name == "uniform":
+            t = process.sample_time(rng, batch)
+        elif name == "logit_normal":
+            t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32))
+            if process.name == "flow":
+                t = processes.shift_time(t, process.shift)
+        else:
+            log_sigma = p_mean + p_std * jax.random.normal(rng, (batch,), jnp.float32)
+            t = process.time_at_log_snr(-2.0 * log_sigma)
+        t = jnp.clip(t, process.t_min, process.t_max)
+        if process.name == "flow":  # keep alpha and sigma away from 0 (eps and x0 targets need both)
+            t = jnp.clip(t, 1e-5, 1.0 - 1e-5)
+        return t, jnp.ones((batch,), jnp.float32)
+
+    return TimestepSampler(init=lambda: {}, sample=sample, update=lambda state, t, losses: state)

@@ -149,7 +149,7 @@ class DiscreteProcess(Process):
             abar = self.schedule.alphas_cumprod_at(jnp.maximum(t, 0))
         else:
             log_sigma = jnp.asarray(np.log(np.clip(self.schedule.sigmas, 1e-30, 1e15)), jnp.float32)
-            tc = jnp.clip(t, 0.0, self.t_max)
+            tc = jnp.where(t < 0.0, 0.0, jnp.where(t > self.t_max, self.t_max, t))  # clip, full gradient at the ends
             lo = jnp.minimum(jnp.floor(tc), self.t_max - 1).astype(jnp.int32)
             w = tc - lo
             abar = jax.nn.sigmoid(-2.0 * ((1.0 - w) * log_sigma[lo] + w * log_sigma[lo + 1]))
@@ -281,10 +281,6 @@ class EDMProcess(Process):
         c_out = sigma * self.sigma_data / jnp.sqrt(sigma**2 + sd2)
         c_in = 1.0 / jnp.sqrt(sigma**2 + sd2)
         return c_skip, c_out, c_in
-
-    def sample_time(self, rng, batch: int, p_mean: float = -1.2, p_std: float = 1.2):
-        """EDM's training noise levels: ln sigma ~ N(p_mean, p_std^2)."""
-        return jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch,), jnp.float32))
 
 
 # ----------------------------------------------------------------------------- VDM

@@ -184,8 +184,10 @@ def sample(
     sampler: "ddpm" (ancestral, DDPM eq. 11 / Improved DDPM respacing, any `variance`), "ddim"
       (Song et al. 2021 eq. 12, `eta`), "plms" (LDM's PLMS: pseudo-improved-Euler first step,
       then Adams-Bashforth orders 2-4 on eps), "dpm_solver++" (Lu et al. 2022 multistep, data
-      prediction, `order` 1 or 2, first order at the first and last step), "euler" / "heun"
-      (Karras et al. 2022 Alg. 1-2 in sigma-space; `karras_sigmas` for their rho=7 spacing).
+      prediction, `order` 1 or 2, first order at the first and last step; 3 runs in `solvers`),
+      "euler" / "heun" (Karras et al. 2022 Alg. 1-2 in sigma-space; `karras_sigmas` for their
+      rho=7 spacing), "unipc" (Zhao et al. 2023: UniP then UniC, one evaluation per step, `order`
+      1-3, as diffusers' UniPCMultistepScheduler; in `solvers`).
     spacing / steps_offset: which timesteps are visited (see `timesteps`).
     clip_x0: clip predicted x_0 to [-c, c] at every step (pixel-space models).
     rng: one key, or a batch of keys [B] (then each example draws its own noise, so an example's

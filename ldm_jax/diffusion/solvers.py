@@ -96,7 +96,10 @@ def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
     if prediction == "eps" and start_step == 0:
-        alpha_max = float(proc.alpha_sigma(jnp.asarray(times[:1]))[0][0])
+        try:
+            alpha_max = float(proc.alpha_sigma(jnp.asarray(times[:1]))[0][0])
+        except jax.errors.ConcretizationTypeError:  # learned (traced) noise levels: VDM's alpha is never 0
+            alpha_max = None
         if alpha_max == 0.0:
             raise ValueError(f"prediction 'eps' cannot start at t={times[0]}, where alpha = 0 (pure noise: x0 is "
                              "undefined from eps); predict 'velocity', 'v' or 'x0', or start the grid below it")
@@ -268,7 +271,114 @@ def _edm_step(ctx, carry, inp):
 
 
 def _unipc_step(ctx, carry, inp):
-    raise NotImplementedError("unipc")
+    """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2") in data prediction, as diffusers'
+    UniPCMultistepScheduler with its defaults: a multistep UniP step, then at the next step UniC,
+    which redoes that step with the model output at its end point; that output is reused by the
+    next UniP, so one model evaluation per step. With h = lambda_s - lambda_t, r_k = (lambda_{t_k}
+    - lambda_t) / h and D_k = (x0_k - x0_t) / r_k (k over earlier steps, and UniC's new point at r = 1):
+      x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) (x0_t + sum_k rho_k D_k),
+    UniP's rho solving its moment equations over the history and UniC's over the history and the
+    new point (`_unipc_weights`). UniC and the UniP it redoes share everything but the sum, so the
+    corrected state is the predicted one plus alpha_s (1 - e^{-h}) times the change in the sum (no
+    extra carry). The history keeps the model's x0 at the uncorrected point (as diffusers)."""
+    x_pred, config = carry["x"], ctx["config"]
+    x0, _ = ctx["predict"](x_pred, inp["t"], inp["a"], inp["s"], inp["da"], inp["ds"])
+    lam_t = _lam(inp["a"], inp["s"])
+    hist_x0, hist_lam, count = carry["hist_x0"], carry["hist_lam"], carry["count"]
+
+    # UniC: redo the last step (from the time of hist[0] to t) at the order its UniP used.
+    h = lam_t - hist_lam[0]
+    r = [(hist_lam[k] - hist_lam[0]) / h for k in (1, 2)]
+    d = [(hist_x0[k] - hist_x0[0]) / r[k - 1] for k in (1, 2)]
+    d_t = x0 - hist_x0[0]
+    b = _unipc_b(h, 3)
+    corrector_sums = (0.5 * d_t,  # order 1: diffusers' rho = 1/2 (the limit h -> 0 of b_0)
+                      _weighted(_unipc_weights((r[0], 1.0), b), (d[0], d_t)),
+                      _weighted(_unipc_weights((r[1], r[0], 1.0), b), (d[1], d[0], d_t)))
+    change = [c - p for c, p in zip(corrector_sums, _unipc_predictor_sums(r, d, b))]
+    change = _pick(_unipc_order(config, inp["i"] - 1, count - 1), change)
+    x = jnp.where(count > 0, x_pred - inp["a"] * jnp.expm1(-h) * change, x_pred)
+
+    # UniP: from the corrected state to the next time.
+    h = _lam(inp["a_next"], inp["s_next"]) - lam_t
+    r = [(hist_lam[k] - lam_t) / h for k in (0, 1)]
+    d = [(hist_x0[k] - x0) / r[k] for k in (0, 1)]
+    base = inp["s_next"] / inp["s"] * x + (inp["a_next"] - inp["s_next"] * inp["a"] / inp["s"]) * x0
+    # The step to sigma = 0 is first order whatever the rule: there h = inf, and a higher-order
+    # term would extrapolate over an infinite lambda interval.
+    order = jnp.where(inp["s_next"] == 0, 1, _unipc_order(config, inp["i"], count))
+    x_next = base - inp["a_next"] * jnp.expm1(-h) * _pick(order, _unipc_predictor_sums(r, d, _unipc_b(h, 2)))
+    return dict(carry, x=x_next, hist_x0=_push(hist_x0, x0), hist_lam=_push(hist_lam, lam_t),
+                count=count + 1), x0
+
+
+def _unipc_order(config: _Config, i, count):
+    """The order of UniPC's predictor at step i after `count` model evaluations (diffusers'
+    UniPCMultistepScheduler.step): min(order, count + 1), one order more per step of warm-up, and
+    with lower_order_final at most N - i, so order 3 ends 3, 2, 1 whatever N (DPM-Solver's
+    `multistep_order` lowers only the last two steps, the second only under 15 steps). The
+    corrector at step i runs at the order of the step it redoes, i - 1."""
+    order = jnp.minimum(config.order, count + 1)
+    if config.lower_order_final:
+        order = jnp.minimum(order, config.num_steps - i)
+    return order
+
+
+def _unipc_b(h, n):
+    """UniPC's right-hand sides b_k, k < n, for B(h) = e^{-h} - 1 in data prediction:
+    b_k = (k + 1)! phi_{k+2}(-h) / phi_1(-h) (-> 1/(k + 2) as h -> 0), with phi_1(z) = (e^z - 1)/z
+    and phi_{k+1}(z) = (phi_k(z) - 1/k!)/z, by diffusers' recursion (so that the roundings match)."""
+    hh = -h
+    b_h = jnp.expm1(hh)
+    h_phi = b_h / hh - 1.0  # hh phi_2(hh)
+    b, factorial = [], 1.0
+    for k in range(1, n + 1):
+        b.append(h_phi * factorial / b_h)
+        factorial *= k + 1
+        h_phi = h_phi / hh - 1.0 / factorial
+    return b
+
+
+def _unipc_predictor_sums(r, d, b):
+    """sum_k rho_k D_k of UniP of orders 1, 2, 3 (order 2 with diffusers' rho = 1/2); r[0], d[0]
+    belong to the latest earlier step."""
+    return jnp.zeros_like(d[0]), 0.5 * d[0], _weighted(_unipc_weights((r[1], r[0]), b), (d[1], d[0]))
+
+
+def _unipc_weights(nodes, b):
+    """rho solving UniPC's R rho = b: sum_k rho_k nodes[k]^j = b[j] for j < len(nodes) (2 or 3).
+
+    nodes[0] is the oldest step. At alpha = 0 (a flow process's first step) its lambda is -inf, so
+    its r = -inf and its D = (x0_k - x0_t) / r = 0; in the limit its rho -> 0 and the others solve
+    the system without that node and the highest-moment equation, which is what is used there."""
+    full = _lagrange_solve(nodes, b)
+    reduced = (0.0,) + _lagrange_solve(nodes[1:], b)
+    far = jnp.isinf(nodes[0])
+    return tuple(jnp.where(far, rho_reduced, rho) for rho_reduced, rho in zip(reduced, full))
+
+
+def _lagrange_solve(nodes, b):
+    """The transposed Vandermonde system sum_k rho_k nodes[k]^j = b[j] (j < n) in closed form:
+    rho_k = sum_j c_kj b[j], with c_k the coefficients of node k's Lagrange polynomial."""
+    rhos = []
+    for k, node in enumerate(nodes):
+        coeffs, denom = [1.0], 1.0  # prod_{m != k} (x - nodes[m]), lowest power first
+        for other in nodes[:k] + nodes[k + 1:]:
+            shifted = [0.0] + coeffs  # x p(x)
+            coeffs = [xp - other * p for xp, p in zip(shifted, coeffs + [0.0])]  # x p(x) - other p(x)
+            denom = denom * (node - other)
+        rhos.append(sum(c * b_j for c, b_j in zip(coeffs, b)) / denom)
+    return tuple(rhos)
+
+
+def _weighted(rhos, ds):
+    return sum(rho * d for rho, d in zip(rhos, ds))
+
+
+def _pick(order, by_order):
+    """by_order[order - 1] for a traced order 1..3: a where-chain, so the unused orders' entries
+    may be non-finite (they use history not yet filled)."""
+    return jnp.where(order == 1, by_order[0], jnp.where(order == 2, by_order[1], by_order[2]))
 
 
 _STEPS = {"euler": _euler_heun_step, "heun": _euler_heun_step, "ddim": _ddim_step, "ddpm": _ddpm_step,

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from ldm_jax import config as config_lib
-from ldm_jax.diffusion import likelihood, losses, samplers, schedules
+from ldm_jax.diffusion import gaussian, likelihood, losses, processes, samplers, schedules
 from ldm_jax.ldm.codecs import Codec, make_codec, to_uint8
 from ldm_jax.ldm.conditioning import Conditioning, TextConditioning, conditioning_from_config
 from ldm_jax.models.unet import UNet
@@ -42,6 +43,39 @@ def _apply_unet(unet: UNet, unet_params, extra, x_t, t, context):
     if extra is not None:
         x_t = jnp.concatenate([x_t, jnp.tile(extra, (x_t.shape[0] // extra.shape[0], 1, 1, 1))], -1)
     return unet.apply({"params": unet_params}, x_t, t, context)
+
+
+def process_from_config(d) -> processes.Process | None:
+    """The `diffusion` group's continuous process, or None for the discrete schedule."""
+    name = d.get("process", "discrete")
+    if name == "discrete":
+        return None
+    return processes.make_process(name, **dict(d.get("process_kwargs", {})))
+
+
+def _denoise(unet: UNet, preconditioning: str, proc, unet_params, extra, x_t, t, context, train=False, rngs=None):
+    """The UNet as a model of a continuous process: it sees the process's network time
+    (`proc.network_time`: SD3's 1000 t, EDM's ln(sigma)/4) and, with EDM's preconditioning, c_in x_t,
+    its output F becoming D = c_skip x_t + c_out F (Karras et al. 2022, eq. 7; an x0 prediction)."""
+    if extra is not None:
+        extra = jnp.tile(extra, (x_t.shape[0] // extra.shape[0], 1, 1, 1))
+    t_net = proc.network_time(t)
+    if preconditioning == "edm":
+        alpha, sigma = proc.alpha_sigma(t)
+        c_skip, c_out, c_in = (gaussian.broadcast_to_rank(c, x_t) for c in proc.preconditioning(sigma / alpha))
+        x_in = c_in * x_t
+    else:
+        x_in = x_t
+    if extra is not None:
+        x_in = jnp.concatenate([x_in, extra], -1)
+    out = unet.apply({"params": unet_params}, x_in, t_net, context, train=train, rngs=rngs or {})
+    if preconditioning == "edm":
+        return c_skip * x_t + c_out * out.astype(jnp.float32)
+    return out
+
+
+def _float_time(model_fn, x_t, t):
+    return model_fn(x_t, t.astype(jnp.float32))
 
 
 def _with_context(unet_fn, context, x_t, t):
@@ -63,6 +97,8 @@ class LatentDiffusion:
     objective: str = "simple"
     weighting: str = "none"
     min_snr_gamma: float = 5.0
+    process: processes.Process | None = None  # a continuous process (flow, edm, vdm); None: `schedule`
+    preconditioning: str = "none"  # "edm": Karras et al.'s c_skip, c_out, c_in around the UNet
 
     @classmethod
     def from_config(cls, config) -> "LatentDiffusion":
@@ -74,7 +110,8 @@ class LatentDiffusion:
                    conditioning=conditioning_from_config(config, unet.cross_attention_dim),
                    schedule=schedule_from_config(d), image_size=int(config.data.image_size),
                    prediction=d.prediction, variance=d.variance, objective=d.objective, weighting=d.weighting,
-                   min_snr_gamma=d.min_snr_gamma)
+                   min_snr_gamma=d.min_snr_gamma, process=process_from_config(d),
+                   preconditioning=d.get("preconditioning", "none"))
 
     # ------------------------------------------------------------------------------- parts
 
@@ -101,9 +138,29 @@ class LatentDiffusion:
         """The t = 0 term of the bound: discretized (8-bit pixels) in pixel space, else continuous."""
         return "discretized" if self.codec.is_identity else "continuous"
 
+    @property
+    def continuous(self) -> bool:
+        """Whether the model runs a continuous process (else the discrete `schedule`)."""
+        return self.process is not None and self.process.continuous
+
+    def process_of(self, params) -> processes.Process:
+        """The process with its learned parameters (VDM's gamma, params["process"]) bound; the
+        discrete schedule as a process for a discrete model."""
+        if self.process is None:
+            return processes.DiscreteProcess(self.schedule)
+        if isinstance(self.process, processes.VDMProcess) and self.process.learned:
+            return self.process.bind(params["process"])
+        return self.process
+
     @functools.cached_property
     def loss_fn(self):
-        """loss_fn(model_fn, z0, t, noise) -> LossTerms of the configured objective."""
+        """loss_fn(model_fn, z0, t, noise) -> LossTerms of the configured objective (discrete), or
+        loss_fn(model_fn, proc, z0, t, noise) (a continuous process)."""
+        if self.continuous:
+            return losses.make_process_loss_fn(
+                self.process, objective=self.objective, prediction=self.prediction, weighting=self.weighting,
+                min_snr_gamma=self.min_snr_gamma, sigma_data=getattr(self.process, "sigma_data", 0.5),
+                decoder=self.decoder)
         return losses.make_loss_fn(self.schedule, objective=self.objective, prediction=self.prediction,
                                    variance=self.variance, weighting=self.weighting,
                                    min_snr_gamma=self.min_snr_gamma, decoder=self.decoder)
@@ -115,6 +172,8 @@ class LatentDiffusion:
         context = jnp.zeros((1, self.conditioning.context_length, self.unet.cross_attention_dim), jnp.float32)
         params = {"unet": self.unet.init(keys[0], jnp.zeros((1, h, w, c)), jnp.zeros((1,)), context)["params"]}
         params.update(self.conditioning.init_params(keys[self.conditioning.rng_stream], self.unet.cross_attention_dim))
+        if isinstance(self.process, processes.VDMProcess) and self.process.learned:
+            params["process"] = self.process.init_params(jax.random.fold_in(rng, 3))
         return params
 
     # ------------------------------------------------------------------------------- latents
@@ -146,7 +205,11 @@ class LatentDiffusion:
         return self.conditioning.context(params, cond)
 
     def unet_fn(self, params, extra=None) -> Partial:
-        """unet_fn(x_t, t, context) with the parameters (and `extra` channels) as traced leaves."""
+        """unet_fn(x_t, t, context) with the parameters (and `extra` channels) as traced leaves; for a
+        continuous process t is the process's time (see `_denoise`)."""
+        if self.continuous:
+            return Partial(functools.partial(_denoise, self.unet, self.preconditioning), self.process_of(params),
+                           params["unet"], extra)
         return Partial(functools.partial(_apply_unet, self.unet), params["unet"], extra)
 
     def model_fn(self, params, context, extra=None) -> Partial:
@@ -168,6 +231,15 @@ class LatentDiffusion:
         train = dropout_rng is not None
         rngs = {"dropout": dropout_rng} if train else {}
 
+        if self.continuous:
+            proc = self.process_of(params)
+
+            def process_model_fn(x, tt):
+                return _denoise(self.unet, self.preconditioning, proc, params["unet"], None, x, tt, context,
+                                train=train, rngs=rngs)
+
+            return self.loss_fn(process_model_fn, proc, z0, t, noise)
+
         def model_fn(x, tt):
             return self.unet.apply({"params": params["unet"]}, x, tt, context, train=train, rngs=rngs)
 
@@ -183,9 +255,22 @@ class LatentDiffusion:
         return_trajectory) go to `samplers.sample`."""
         shape = shape or (cond.shape[0], *self.latent_shape)
         model = self.guided_model(params, cond, uncond, guidance, rescale, extra)
+        if self.continuous:
+            kwargs.pop("spacing", None)  # discrete timesteps only; a process has its own grid
+            return samplers.sample(model, self.process_of(params), shape, rng, sampler=sampler, num_steps=num_steps,
+                                   prediction=self.prediction, eta=eta, clip_x0=self.codec.clip_x0, **kwargs)
         return samplers.sample(model, self.schedule, shape, rng, sampler=sampler, num_steps=num_steps,
                                prediction=self.prediction, eta=eta, variance=self.variance,
                                clip_x0=self.codec.clip_x0, **kwargs)
+
+    def noised(self, params, z0, noise, num_steps: int, start_step: int):
+        """z0 noised to where step `start_step` of a num_steps grid starts (SDEdit's x_t for a
+        continuous process: alpha z0 + sigma noise at proc.time_grid(num_steps)[start_step]; the
+        clean z0 when start_step = num_steps)."""
+        proc = self.process_of(params)
+        t = jnp.float32(proc.time_grid(int(num_steps))[start_step])
+        alpha, sigma = proc.alpha_sigma(t)
+        return alpha * z0 + sigma * noise
 
     # ------------------------------------------------------------------------------- likelihood
 
@@ -196,3 +281,19 @@ class LatentDiffusion:
         return likelihood.bits_per_dim(self.model_fn(params, context), self.schedule, x0, rng,
                                        prediction=self.prediction, variance=self.variance, decoder=self.decoder,
                                        clip_x0=self.codec.clip_x0)
+
+    def ode_bound(self, params, x0, context, rng, *, num_steps: int = 100, num_probes: int = 4) -> dict:
+        """The exact log-likelihood of x0 through the probability-flow ODE (`likelihood.ode_log_likelihood`,
+        Hutchinson's divergence with `num_probes` probes), unguided, for every process (the discrete
+        schedule's at fractional timesteps): dict of per-example [B] `total` (bits per dimension,
+        continuous density: per latent dimension, or per pixel dimension of [-1, 1] data without
+        dequantisation) and `ci95` (the half-width of its estimator's 95% interval)."""
+        proc = self.process_of(params)
+        model_fn = self.model_fn(params, context)
+        if not self.continuous:  # the discrete network takes float timesteps as they are
+            model_fn = Partial(_float_time, model_fn)
+        ll, half = likelihood.ode_log_likelihood(model_fn, proc, x0, rng, prediction=self.prediction,
+                                                 num_steps=num_steps, divergence="hutchinson",
+                                                 num_probes=num_probes, return_interval=True)
+        to_bits = 1.0 / (math.prod(x0.shape[1:]) * math.log(2.0))
+        return {"total": -ll * to_bits, "ci95": half * to_bits}

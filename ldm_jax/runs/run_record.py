@@ -34,7 +34,7 @@ LOCK_FILE = "train.lock"
 PROGRESS_FILE = "progress.json"
 
 # Version 1: config.json as written until 2026-12 (no "config_version" key). Version 2 adds the key.
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 
 class Convert:
@@ -59,6 +59,13 @@ MIGRATIONS = {
     },
     2: {
         "autoencoder.disc_start": Convert(lambda v: None if v == -1 else v, "-1 meant never; None says it now"),
+    },
+    3: {
+        # The discrete schedule was the only process.
+        "diffusion.process": "discrete",
+        "diffusion.process_kwargs": {},
+        "diffusion.timestep_kwargs": {},
+        "diffusion.preconditioning": "none",
     },
 }
 

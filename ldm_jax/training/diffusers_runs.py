@@ -133,12 +133,37 @@ def pipeline_components(pipe):
         raise ValueError(f"only KL autoencoders export to diffusers; this one is a {type(pipe.autoencoder).__name__}")
     if pipe.variance == "learned_range":
         raise ValueError("a learned-variance UNet (variance='learned_range') has no diffusers scheduler equivalent")
+    scheduler_config = scheduler_config_for(pipe.model)
     host = jax.tree.map(np.asarray, pipe.params)
-    return hf.DiffusersComponents(
+    return hf.DiffusersComponents(scheduler_config=scheduler_config,
         unet=pipe.unet.clone(dtype=jnp.float32), unet_params=host["unet"],
         vae=pipe.autoencoder.clone(scaling_factor=pipe.scale_factor, dtype=jnp.float32), vae_params=host["autoencoder"],
         text_encoder=pipe.text_encoder.clone(dtype=jnp.float32), text_encoder_params=host["text_encoder"],
         tokenizer=pipe.tokenizer, schedule=pipe.schedule)
+
+
+def scheduler_config_for(model) -> dict | None:
+    """The diffusers scheduler config of a continuous-process model (None: the discrete schedule's
+    DDIM config): flow -> FlowMatchEulerDiscreteScheduler (its timestep is 1000 t, ours too),
+    EDM with EDM's preconditioning -> EDMEulerScheduler (its c_in, c_skip, c_out and c_noise =
+    ln(sigma)/4 are ours). Other processes have no diffusers scheduler: an error says so."""
+    from ldm_jax.interop.diffusers import DIFFUSERS_VERSION
+
+    proc = model.process
+    if proc is None or not proc.continuous:
+        return None
+    if proc.name == "flow" and model.prediction == "velocity":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": 1000, "shift": float(proc.shift), "use_dynamic_shifting": False}
+    if proc.name == "edm" and model.preconditioning == "edm":
+        return {"_class_name": "EDMEulerScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "sigma_min": float(proc.sigma_min), "sigma_max": float(proc.sigma_max),
+                "sigma_data": float(proc.sigma_data), "rho": float(proc.rho), "sigma_schedule": "karras",
+                "num_train_timesteps": 1000, "prediction_type": "epsilon", "final_sigmas_type": "zero"}
+    raise ValueError(f"a {proc.name!r} process with prediction {model.prediction!r} and preconditioning "
+                     f"{model.preconditioning!r} has no diffusers scheduler: diffusers runs flow with velocity "
+                     "prediction (FlowMatchEulerDiscreteScheduler) and EDM with EDM's preconditioning "
+                     "(EDMEulerScheduler)")
 
 
 def workdir_to_diffusers(workdir: str, out: str, step: int | None = None, ema: bool = True) -> str:

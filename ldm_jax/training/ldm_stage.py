@@ -20,7 +20,7 @@ import numpy as np
 from ldm_jax import optim
 from ldm_jax.data import pipeline
 from ldm_jax.diffusion import losses
-from ldm_jax.ldm import LatentDiffusion, schedule_from_config  # noqa: F401 (schedule_from_config: for callers)
+from ldm_jax.ldm import LatentDiffusion, process_from_config, schedule_from_config  # noqa: F401 (schedule_from_config: for callers)
 from ldm_jax.ldm.codecs import to_uint8
 from ldm_jax.training import autoencoder_stage
 from ldm_jax.training.state import TrainState, apply_gradients, merge_params, split_params
@@ -42,7 +42,13 @@ def optimizer_from_config(config):
 
 
 def make_timestep_sampler(config):
-    return losses.make_timestep_sampler(config.diffusion.timestep_sampler, config.diffusion.num_timesteps)
+    """The training times: discrete timesteps (uniform or importance-sampled), or a continuous
+    process's (`losses.make_process_time_sampler`)."""
+    d = config.diffusion
+    process = process_from_config(d)
+    if process is not None:
+        return losses.make_process_time_sampler(d.timestep_sampler, process, **d.timestep_kwargs.to_dict())
+    return losses.make_timestep_sampler(d.timestep_sampler, d.num_timesteps)
 
 
 def init_params(config, models: Models, rng) -> dict:

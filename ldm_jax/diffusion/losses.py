@@ -241,24 +241,30 @@ def make_process_loss_fn(
 
 def _vdm_terms(proc, prediction, output, x0, x_t, t, noise, alpha, sigma, d_alpha, d_sigma, decoder, mse):
     """VDM's bound, per example, in bits/dim (see make_process_loss_fn)."""
+    parts = vdm_bound_terms(proc, prediction, output, x0, x_t, t, noise, alpha, sigma, d_alpha, d_sigma, decoder)
+    vb = (parts["diffusion"] + parts["prior"] + parts["recon"]) / (math.prod(x0.shape[1:]) * math.log(2.0))
+    return LossTerms(loss=vb, mse=mse, vb=vb)
+
+
+def vdm_bound_terms(proc, prediction, output, x0, x_t, t, noise, alpha, sigma, d_alpha, d_sigma, decoder) -> dict:
+    """The three terms of VDM's continuous-time bound for one draw of (t, noise), in nats per
+    example [B] (Kingma et al. 2021, eqs. 11 and 17): diffusion = 1/2 gamma'(t) ||eps - eps_hat||^2
+    (an unbiased estimate of its integral over t ~ U(0, 1)), prior = KL(q(z_1 | x) || N(0, I)) and
+    recon = -log p(x | z_0), with z_0 = alpha_0 x + sigma_0 noise."""
+    axes = tuple(range(1, x0.ndim))
     eps_hat = processes.to_x0_eps(prediction, output, x_t, alpha, sigma, d_alpha, d_sigma)[1]
     _, d_gamma = jax.jvp(proc.gamma, (t,), (jnp.ones_like(t),))
-    diffusion = 0.5 * d_gamma * jnp.sum((noise - eps_hat) ** 2, axis=tuple(range(1, x0.ndim)))
-    ones = jnp.ones_like(t)
-    a1, s1 = proc.alpha_sigma(ones)
-    a1, s1 = gaussian.broadcast_to_rank(a1, x0), gaussian.broadcast_to_rank(s1, x0)
-    prior = jnp.sum(likelihood.normal_kl(a1 * x0, 2.0 * jnp.log(s1), 0.0, 0.0), axis=tuple(range(1, x0.ndim)))
-    a0, s0 = proc.alpha_sigma(jnp.zeros_like(t))
-    a0, s0 = gaussian.broadcast_to_rank(a0, x0), gaussian.broadcast_to_rank(s0, x0)
+    diffusion = 0.5 * d_gamma * jnp.sum((noise - eps_hat) ** 2, axis=axes)
+    a1, s1 = (gaussian.broadcast_to_rank(v, x0) for v in proc.alpha_sigma(jnp.ones_like(t)))
+    prior = jnp.sum(likelihood.normal_kl(a1 * x0, 2.0 * jnp.log(s1), 0.0, 0.0), axis=axes)
+    a0, s0 = (gaussian.broadcast_to_rank(v, x0) for v in proc.alpha_sigma(jnp.zeros_like(t)))
     z0 = a0 * x0 + s0 * noise  # the same noise: an unbiased estimate all the same
     log_scale = jnp.log(s0) - jnp.log(a0)
     if decoder == "discretized":
         log_p = likelihood.discretized_gaussian_log_likelihood(x0, z0 / a0, log_scale)
     else:
         log_p = likelihood.continuous_gaussian_log_likelihood(x0, z0 / a0, 2.0 * log_scale)
-    recon = -jnp.sum(log_p, axis=tuple(range(1, x0.ndim)))
-    vb = (diffusion + prior + recon) / (math.prod(x0.shape[1:]) * math.log(2.0))
-    return LossTerms(loss=vb, mse=mse, vb=vb)
+    return {"diffusion": diffusion, "prior": prior, "recon": -jnp.sum(log_p, axis=axes)}
 
 
 def make_process_time_sampler(name: str, process, *, logit_mean: float = 0.0, logit_std: float = 1.0,

@@ -451,7 +451,9 @@ def _edm_step(ctx, carry, inp):
     t_hat = jnp.where(gamma > 0, t_hat, inp["t"])
     x_ve = carry["x"] * jnp.sqrt(1.0 + sigma**2)
     noise = _normal(inp["key"], x_ve.shape)
-    x_ve = x_ve + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * churn.s_noise * noise
+    # sqrt(sigma_hat^2 - sigma^2) written without the difference of squares: at gamma = 0 that
+    # difference is a rounding error (~1e-6 after XLA's FMA contraction) whose root (~1e-3) is noise.
+    x_ve = x_ve + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * churn.s_noise * noise
     carry = {"x": x_ve / jnp.sqrt(1.0 + sigma_hat**2)}
     ctx = dict(ctx, config=ctx["config"]._replace(sampler="heun"))
     return _karras_step(ctx, carry, dict(inp, sigma=sigma_hat, t=t_hat))

@@ -74,8 +74,9 @@ def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 
     times: the grid (num_steps + 1 times, decreasing to the clean end); default proc.time_grid.
     eta: ddim's noise (0 deterministic, 1 ancestral); ddpm is ddim with eta = 1.
     order: dpm_solver++ 1, 2 or 3 (multistep, data prediction); unipc 1, 2 or 3.
-    lower_order_final: the last step first order and, under 15 steps, the one before at most
-      second order (as diffusers' multistep schedulers).
+    lower_order_final: lower orders at the end, as diffusers' multistep schedulers: dpm_solver++'s
+      last step first order and, under 15 steps, the one before at most second order; unipc's
+      order at most the number of steps left. A step to sigma = 0 is first order regardless.
     x_T: the initial state (default proc.prior_std * N(0, I)); with start_step, the state at
       grid time times[start_step] (SDEdit).
     churn: `Churn(s_churn, s_tmin, s_tmax, s_noise)` for sampler "edm".
@@ -143,7 +144,7 @@ def _sample(model_fn, proc, times, rng, eta, x_T, churn, *, config: _Config):
               a_next=alpha[steps + 1], s_next=sigma[steps + 1], da_next=d_alpha[steps + 1], ds_next=d_sigma[steps + 1])
     step = _STEPS[config.sampler]
     carry = {"x": x, "hist_x0": jnp.zeros((max(config.order, 3),) + config.shape), "hist_lam": jnp.zeros((3,)),
-             "eps_prev": jnp.zeros(config.shape), "count": jnp.zeros((), jnp.int32)}
+             "count": jnp.zeros((), jnp.int32)}
 
     k = config.record_every
     visited = N - config.start_step
@@ -247,6 +248,7 @@ def _dpm_step(ctx, carry, inp):
     d2 = (d1_0 - d1_1) / (r0 + r1)
     third = base + inp["a_next"] * (1.0 - phi1 / h) * d1 - inp["a_next"] * ((h - phi1) / h**2 - 0.5) * d2
     order = multistep_order(config, inp["i"], carry["count"])
+    order = jnp.where(inp["s_next"] == 0, 1, order)  # to sigma = 0: h is infinite (diffusers' final_sigmas_type "zero")
     x_next = jnp.where(order == 1, base, jnp.where(order == 2, second, third))
     return dict(carry, x=x_next, hist_x0=_push(carry["hist_x0"], x0), hist_lam=_push(carry["hist_lam"], lam_t),
                 count=carry["count"] + 1), x0

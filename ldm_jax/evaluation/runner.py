@@ -98,7 +98,7 @@ def evaluate(workdir: str, metrics: Sequence[str], options: EvalOptions | None =
                   "wall_s": round(time.perf_counter() - t0, 2), "result": _jsonable(result)}
         if metric.samples:
             record["sampler"] = run.sampler_settings()
-        if name == "bpd":
+        if name in ("bpd", "ode_bpd"):  # held-out examples of the first split only
             record["splits"] = [result["split"]]
         _write_json(os.path.join(eval_dir(run), f"{name}.json"), record)
         _log_scalars(run, _scalars(f"eval/{name}", {k: v for k, v in record["result"].items()

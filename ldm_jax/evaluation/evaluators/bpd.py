@@ -11,7 +11,8 @@ from ldm_jax.evaluation.run import Z_95, Evaluator, Run, conditions_of
 
 
 def compute_bpd(run: Run) -> dict:
-    """The full variational bound of held-out examples with all T terms (Improved DDPM's
+    """The full variational bound of held-out examples (for VDM its continuous-time bound,
+    `LatentDiffusion.vdm_bound`; otherwise with all T terms (Improved DDPM's
     `calc_bpd_loop`, through `likelihood.bits_per_dim`), in bits per dimension: per pixel
     dimension for pixel-space runs (the discretized decoder on 8-bit data, comparable with DDPM /
     Improved DDPM / VDM), per latent dimension for latent runs (a continuous Gaussian decoder on
@@ -38,7 +39,11 @@ def compute_bpd(run: Run) -> dict:
             parts[k].append(np.asarray(out[k])[:keep])
         terms.append(np.asarray(out["terms"])[:keep])
     result = {"split": split, "num_examples": n, "unit": "bits/dim" if pixel else "bits/latent-dim",
-              "decoder_type": model.decoder, "num_timesteps": int(model.schedule.num_timesteps)}
+              "decoder_type": model.decoder}
+    if model.continuous:  # VDM's continuous-time bound, its integral at stratified times
+        result.update(process=model.process.name, num_times=int(np.asarray(terms[0]).shape[1]))
+    else:
+        result["num_timesteps"] = int(model.schedule.num_timesteps)
     for k, values in parts.items():
         v = np.concatenate(values).astype(np.float64)
         result[k] = float(v.mean())
@@ -48,4 +53,11 @@ def compute_bpd(run: Run) -> dict:
     return result
 
 
-EVALUATOR = Evaluator("bpd", compute_bpd, lambda run: None, samples=False)
+def unavailable(run: Run) -> str | None:
+    process = run.config.diffusion.get("process", "discrete")
+    if process in ("flow", "edm"):
+        return f"a {process!r} process has no variational bound; its likelihood is the probability-flow ODE's (metric ode_bpd)"
+    return None
+
+
+EVALUATOR = Evaluator("bpd", compute_bpd, unavailable, samples=False)

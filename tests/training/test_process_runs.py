@@ -1,0 +1,66 @@
+"""A flow-matching run end to end: trained by the loop, sampled by the pipeline, measured by the
+metrics (its likelihood through the ODE; no variational bound), exported with diffusers'
+FlowMatchEulerDiscreteScheduler config."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.evaluation import runner
+from ldm_jax.evaluation.run import EvalOptions, MetricUnavailable
+from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.training import diffusers_runs, loop
+from tests.training.tiny import TINY_UNET, cheap_compilation, tiny_config
+
+
+@pytest.fixture(scope="module")
+def flow_run(shapes_dir, tmp_path_factory):
+    c = tiny_config(shapes_dir, ae_steps=2, ldm_steps=2)
+    c.unet = dict(TINY_UNET)
+    c.diffusion.process = "flow"
+    c.diffusion.process_kwargs = {"shift": 2.0}
+    c.diffusion.prediction = "velocity"
+    c.diffusion.weighting = "none"
+    c.diffusion.timestep_sampler = "logit_normal"
+    c.sampler.name = "euler"
+    c.sampler.num_steps = 2
+    workdir = str(tmp_path_factory.mktemp("flow"))
+    with cheap_compilation():
+        summary = loop.train_and_evaluate(c, workdir)
+    return workdir, summary
+
+
+@pytest.mark.slow
+def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
+    workdir, summary = flow_run
+    assert summary["status"] == "done"
+    with open(os.path.join(workdir, "config.json")) as f:
+        stored = json.load(f)
+    assert stored["diffusion"]["process"] == "flow" and stored["config_version"] == 4
+
+    pipe = LatentDiffusionPipeline.from_workdir(workdir)
+    assert pipe.model.process.name == "flow" and pipe.model.process.shift == 2.0
+    z = pipe.text_to_image(["a red circle on the left"], num_steps=2, seed=0, output_type="latent")
+    again = pipe.text_to_image(["a red circle on the left"], num_steps=2, seed=0, output_type="latent")
+    assert np.all(np.isfinite(np.asarray(z))) and np.array_equal(np.asarray(z), np.asarray(again))
+    images = pipe.text_to_image(["a red circle on the left"], num_steps=2, seed=0, sampler="heun")
+    assert images.dtype == np.uint8 and images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        pipe.text_to_image(["a red circle on the left"], num_steps=2, sampler="plms")
+
+    options = EvalOptions(splits=("test",), bpd_examples=4, bpd_batch_size=4)
+    ode = runner.evaluate(workdir, ["ode_bpd"], options)["ode_bpd"]["result"]
+    assert ode["process"] == "flow" and np.isfinite(ode["total"]) and ode["estimator_ci95"] > 0
+    with pytest.raises(MetricUnavailable, match="'flow' process has no variational bound"):
+        runner.evaluate(workdir, ["bpd"], options)
+
+    out = diffusers_runs.workdir_to_diffusers(workdir, str(tmp_path / "export"))
+    with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+        scheduler = json.load(f)
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.0
+    diffusers = pytest.importorskip("diffusers")
+    loaded = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    loaded.set_timesteps(4)
+    assert float(loaded.sigmas[0]) == 1.0 and jax.numpy.isfinite(float(loaded.sigmas[1]))

@@ -6,5 +6,5 @@ from ldm_jax.evaluation.evaluators import (bpd, clip_score, digit_accuracy, digi
                                            prompt_accuracy, recon, shapes_fid)
 
 
-EVALUATORS = {m.EVALUATOR.name: m.EVALUATOR for m in (bpd, ode_bpd, prompt_accuracy, digit_accuracy, digits_fid,
-                                                      shapes_fid, diversity, fid, clip_score, recon)}
+EVALUATORS = {m.EVALUATOR.name: m.EVALUATOR for m in (bpd, prompt_accuracy, digit_accuracy, digits_fid, shapes_fid,
+                                                      diversity, fid, clip_score, recon, ode_bpd)}

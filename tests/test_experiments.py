@@ -20,7 +20,7 @@ from tests.shared_runs import own_copy
 from tests.sizes import SMALL_SHAPES
 from tests.training.tiny import ROOT, cheap_compilation_env
 
-SWEEPS = ("objective", "schedule", "sampler", "prediction", "guidance")
+SWEEPS = ("objective", "schedule", "sampler", "prediction", "guidance", "process")
 
 
 def _env() -> dict:
@@ -85,6 +85,7 @@ def test_evaluate_flags_match_the_cli():
     with open(os.path.join(ROOT, "ldm_jax", "evaluate.py")) as f:
         defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read()))
     assert set(runner.EVALUATE_FLAGS) <= defined, set(runner.EVALUATE_FLAGS) - defined
+    assert set(runner.SAMPLER_FLAGS) <= set(runner.EVALUATE_FLAGS)
 
 
 def write_experiment(folder, body: str, base: str, doc="Micro sweep. Expected cost: seconds."):
@@ -93,6 +94,41 @@ def write_experiment(folder, body: str, base: str, doc="Micro sweep. Expected co
         f.write(f'"""{doc}"""\nfrom ldm_jax.experiments import Sweep, product, zip_\n\nBASE = {base!r}\n\n'
                 + textwrap.dedent(body))
     return path
+
+
+def test_sample_free_metrics_are_computed_once_per_run(tmp_path, monkeypatch):
+    """Points of one run that differ only in sampler flags share their bpd / ode_bpd (computed at
+    the first, copied with a `reused` note); another seed or step computes them again."""
+    calls = []
+
+    def fake_execute(command, log_path, say):
+        metrics = command[command.index("--metrics") + 1].split(",")
+        calls.append(metrics)
+        for m in metrics:
+            os.makedirs(tmp_path / "run" / "eval" / "10", exist_ok=True)
+            with open(tmp_path / "run" / "eval" / "10" / f"{m}.json", "w") as f:
+                json.dump({"call": len(calls), "metric": m}, f)
+
+    monkeypatch.setattr(runner, "_execute", fake_execute)
+    monkeypatch.setattr(runner, "is_trained", lambda job: True)
+    flags = [{"steps": 5}, {"steps": 10, "guidance": 3.0}, {"steps": 20, "seed": 1}, {"steps": 20}]
+    evaluations = [runner.Evaluation({"evaluate.steps": i}, f"e{i}", f) for i, f in enumerate(flags)]
+    job = runner.Job("run", str(tmp_path / "run"), "configs/base.py", {}, {"ldm": 10},
+                     ["prompt_accuracy", "ode_bpd", "bpd"], evaluations)
+    written = runner.run_job(job, say=lambda message: None)
+    assert calls == [["prompt_accuracy", "ode_bpd", "bpd"], ["prompt_accuracy"],
+                     ["prompt_accuracy", "ode_bpd", "bpd"], ["prompt_accuracy"]]
+    records = [json.load(open(p)) for p in written]
+    assert [r["metrics"]["prompt_accuracy"]["call"] for r in records] == [1, 2, 3, 4]
+    assert [r["metrics"]["ode_bpd"]["call"] for r in records] == [1, 1, 3, 1]
+    assert [r["metrics"]["bpd"]["call"] for r in records] == [1, 1, 3, 1]
+    assert [r.get("reused") for r in records] == [None, {"ode_bpd": "e0.json", "bpd": "e0.json"}, None,
+                                                  {"ode_bpd": "e0.json", "bpd": "e0.json"}]
+    # a rerun skips every point, and a point added later still reuses the earlier result files
+    calls.clear()
+    job.evaluations.append(runner.Evaluation({"evaluate.steps": 9}, "e9", {"steps": 50}))
+    written = runner.run_job(job, say=lambda message: None)
+    assert calls == [["prompt_accuracy"]] and json.load(open(written[0]))["metrics"]["ode_bpd"]["call"] == 1
 
 
 def test_dry_run_prints_the_exact_commands(tmp_path, monkeypatch):

@@ -42,6 +42,9 @@ AUTOENCODER_RUN = "_autoencoder"
 # against ldm_jax/evaluate.py).
 EVALUATE_FLAGS = ("step", "ema", "sampler", "steps", "guidance", "spacing", "num_samples", "splits", "batch_size",
                   "seed", "bpd_examples", "bpd_batch_size", "inception_weights", "clip_model", "diversity_samples")
+# The flags only sampling metrics read: a metric that draws no samples (bpd, ode_bpd, recon) gives
+# the same result for two evaluations of a run that differ only in these, so it is computed once.
+SAMPLER_FLAGS = ("sampler", "steps", "guidance", "spacing", "num_samples", "batch_size", "diversity_samples")
 
 
 @dataclasses.dataclass
@@ -70,10 +73,10 @@ class Job:
         return [python, "-m", "ldm_jax.train", "--config", _shown(self.base), "--workdir", _shown(self.workdir),
                 *(f"--config.{k}={format_value(v)}" for k, v in self.overrides.items())]
 
-    def eval_command(self, evaluation: Evaluation, python: str = "python") -> list[str]:
+    def eval_command(self, evaluation: Evaluation, python: str = "python", metrics: list | None = None) -> list[str]:
         flags = [f"--{k}={_flag_value(v)}" for k, v in evaluation.flags.items()]
         return [python, "-m", "ldm_jax.evaluate", "--workdir", _shown(self.workdir), "--metrics",
-                ",".join(self.metrics), *flags]
+                ",".join(self.metrics if metrics is None else metrics), *flags]
 
     @property
     def experiment_dir(self) -> str:
@@ -271,28 +274,55 @@ def run_job(job: Job, say=None) -> list[str]:
         if not is_trained(job):
             raise RuntimeError(f"{job.name}: training exited without its final checkpoint {job.final} "
                                f"(see {os.path.join(job.experiment_dir, 'train.log')})")
+    from ldm_jax.evaluation.evaluators import EVALUATORS
+
+    sample_free = [m for m in job.metrics if not EVALUATORS[m].samples]
+    computed = {}  # the flags a sample-free metric reads -> a result file of this job that has it
     written = []
     for ev in job.evaluations:
+        key = _sample_free_key(ev)
         if is_evaluated(job, ev):
             say(f"{job.name} [{ev.name}]: evaluated, skipping")
+            computed.setdefault(key, job.result_path(ev))
             continue
-        say(f"{job.name} [{ev.name}]: evaluating {','.join(job.metrics)}")
-        _execute(job.eval_command(ev, sys.executable), os.path.join(job.experiment_dir, f"evaluate-{ev.name}.log"), say)
-        written.append(_collect(job, ev))
+        reused = computed.get(key) if sample_free else None
+        metrics = [m for m in job.metrics if not (reused and m in sample_free)]
+        if metrics:
+            say(f"{job.name} [{ev.name}]: evaluating {','.join(metrics)}"
+                + (f" ({','.join(sample_free)} from {os.path.basename(reused)})" if reused else ""))
+            _execute(job.eval_command(ev, sys.executable, metrics),
+                     os.path.join(job.experiment_dir, f"evaluate-{ev.name}.log"), say)
+        written.append(_collect(job, ev, metrics, reused))
+        computed.setdefault(key, job.result_path(ev))
     return written
 
 
-def _collect(job: Job, evaluation: Evaluation) -> str:
-    """Bundle the metric files `evaluate` just wrote into the point's result file (the next point
-    on the same workdir overwrites them)."""
+def _sample_free_key(evaluation: Evaluation) -> str:
+    return json.dumps({k: v for k, v in _jsonable(evaluation.flags).items() if k not in SAMPLER_FLAGS},
+                      sort_keys=True)
+
+
+def _collect(job: Job, evaluation: Evaluation, computed: list, reused: str | None) -> str:
+    """Bundle the metric files `evaluate` just wrote (`computed`) into the point's result file (the
+    next point on the same workdir overwrites them), and the other metrics from the result file
+    `reused`: an earlier point of this run whose sample-free metrics read the same flags."""
     step = job.final["ldm"]
-    metrics = {}
+    metrics, reused_from = {}, {}
+    earlier = None
+    if reused:
+        with open(reused) as f:
+            earlier = json.load(f)
     for metric in job.metrics:
-        path = os.path.join(job.workdir, "eval", str(step), f"{metric}.json")
-        with open(path) as f:
-            metrics[metric] = json.load(f)
+        if metric in computed:
+            with open(os.path.join(job.workdir, "eval", str(step), f"{metric}.json")) as f:
+                metrics[metric] = json.load(f)
+        else:
+            metrics[metric] = earlier["metrics"][metric]
+            reused_from[metric] = os.path.basename(reused)
     record = {"point": point_name(evaluation.point), "overrides": _jsonable(evaluation.point),
               "train": job.name, "evaluate": _jsonable(evaluation.flags), "step": step, "metrics": metrics}
+    if reused_from:
+        record["reused"] = reused_from  # metric -> the result file it was computed for
     path = job.result_path(evaluation)
     _write_json(path, record)
     return path

@@ -139,6 +139,7 @@ class LatentDiffusionPipeline:
         config (a dict as in scheduler_config.json, or a diffusers scheduler object)."""
         from ldm_jax.interop import diffusers as hf
 
+        self._check_discrete("with_scheduler")
         if hasattr(scheduler_config, "config"):  # a scheduler object: its config, and its class
             scheduler_config = {**scheduler_config.config, "_class_name": type(scheduler_config).__name__}
         other = copy.copy(self)
@@ -150,10 +151,17 @@ class LatentDiffusionPipeline:
     def with_spacing(self, spacing: str) -> "LatentDiffusionPipeline":
         """The same weights and schedule, visiting the sampler's timesteps with another spacing
         ("leading", "trailing" or "linspace": `samplers.timesteps`; Lin et al. 2024, Table 2)."""
+        self._check_discrete("with_spacing")
         gaussian.check_choice("spacing", spacing, samplers.SPACINGS)
         other = copy.copy(self)
         other._set_schedule({**self.schedule, "spacing": spacing})
         return other
+
+    def _check_discrete(self, what: str) -> None:
+        if self.model.process is not None:
+            raise ValueError(f"{what} sets a discrete-time schedule; this model's process is "
+                             f"{self.model.process.name!r}, whose samplers visit its own time grid "
+                             "(choose the sampler and the number of steps instead)")
 
     # ----------------------------------------------------------------------------- sizes
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -384,6 +385,16 @@ def make_process(name: str, **kwargs) -> Process:
         raise ValueError(f"unknown setting(s) {unknown} for process {name!r}; allowed: {allowed}")
     if name == "discrete" and not isinstance(kwargs.get("schedule"), NoiseSchedule):
         raise ValueError("process 'discrete' needs schedule=<a NoiseSchedule from schedules.make_schedule>")
+    for key, value in kwargs.items():
+        if key == "learned":
+            if not isinstance(value, bool):
+                raise ValueError(f"vdm learned must be True or False, got {value!r}")
+        elif key != "schedule" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                    or not math.isfinite(value)):
+            raise ValueError(f"{name} {key} must be a finite number, got {value!r}")
+    for key in ("sigma_data", "rho"):
+        if name == "edm" and key in kwargs and not kwargs[key] > 0:
+            raise ValueError(f"edm {key} must be > 0, got {kwargs[key]!r}")
     if name == "flow" and not kwargs.get("shift", 1.0) > 0:
         raise ValueError(f"flow shift must be > 0, got {kwargs['shift']!r}")
     if name == "edm" and not 0 < kwargs.get("sigma_min", 0.002) < kwargs.get("sigma_max", 80.0):

@@ -289,5 +289,18 @@ def test_make_process_errors_name_the_value_and_the_choices():
         processes.make_process("discrete")
     with pytest.raises(ValueError, match="process 'discrete' needs schedule=<a NoiseSchedule"):
         processes.make_process("discrete", schedule="linear")
+    with pytest.raises(ValueError, match="flow shift must be a finite number, got '3'"):
+        processes.make_process("flow", shift="3")
+    with pytest.raises(ValueError, match="edm sigma_max must be a finite number, got inf"):
+        processes.make_process("edm", sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="edm sigma_data must be > 0, got 0.0"):
+        processes.make_process("edm", sigma_data=0.0)
+    with pytest.raises(ValueError, match="edm rho must be > 0, got -7"):
+        processes.make_process("edm", rho=-7)
+    with pytest.raises(ValueError, match="vdm learned must be True or False, got 'yes'"):
+        processes.make_process("vdm", learned="yes")
+    with pytest.raises(ValueError, match="vdm gamma_min must be a finite number, got True"):
+        processes.make_process("vdm", gamma_min=True)
+    assert processes.make_process("edm", rho=np.float32(3.0), sigma_max=80).rho == 3.0
     with pytest.raises(TypeError, match="expected a Process or a NoiseSchedule, got str"):
         processes.as_process("flow")

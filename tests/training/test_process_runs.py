@@ -49,6 +49,10 @@ def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.text_to_image(["a red circle on the left"], num_steps=2, sampler="plms")
+    with pytest.raises(ValueError, match="with_spacing sets a discrete-time schedule; this model's process is 'flow'"):
+        pipe.with_spacing("trailing")
+    with pytest.raises(ValueError, match="with_scheduler sets a discrete-time schedule; this model's process is"):
+        pipe.with_scheduler({"_class_name": "DDIMScheduler"})
 
     options = EvalOptions(splits=("test",), bpd_examples=4, bpd_batch_size=4)
     ode = runner.evaluate(workdir, ["ode_bpd"], options)["ode_bpd"]["result"]
@@ -64,3 +68,28 @@ def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
     loaded = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
     loaded.set_timesteps(4)
     assert float(loaded.sigmas[0]) == 1.0 and jax.numpy.isfinite(float(loaded.sigmas[1]))
+
+    # The export samples as the run does: diffusers' UNet, text encoder and FlowMatchEulerDiscrete
+    # scheduler (its shift; on our grid shift(linspace(1, 0, N + 1)): diffusers' own default
+    # ends at shift(1/1000)), in a guided loop written as diffusers' pipelines write it.
+    torch = pytest.importorskip("torch")
+    steps, guidance = 3, 2.5
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(0), np.shape(z)))
+    ours = np.asarray(pipe.text_to_image(["a red circle on the left"], num_steps=steps, guidance_scale=guidance,
+                                         sampler="euler", latents=latents, output_type="latent"))
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    scheduler = ref_pipe.scheduler
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    with torch.no_grad():
+        cond, uncond = ref_pipe.encode_prompt(["a red circle on the left"], "cpu", 1, True, [""])
+        context = torch.cat([uncond, cond])
+        x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+        for t in scheduler.timesteps:
+            out_u, out_c = ref_pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            x = scheduler.step(out_u + guidance * (out_c - out_u), t, x).prev_sample
+    ref = x.numpy().transpose(0, 2, 3, 1)
+    err = np.abs(ours - ref).max()
+    print(f"\nflow export in diffusers (FlowMatchEuler, shift 2, 3 steps, guidance 2.5): max |ours - diffusers| = "
+          f"{err:.2e}")
+    assert np.abs(ref - latents).max() > 0.1 and err < 1e-4

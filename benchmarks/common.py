@@ -6,7 +6,7 @@ config trains, read through the training code (`config_lib.unet_kwargs`, `latent
 
     micro  a 1-level UNet (16 channels, attention in its mid-block only), a 1-level autoencoder,
            8x8x4 latents (8^2 images), batch 2: the smoke tests' size (compilation is their cost)
-    tiny   configs/base.py as it is: UNet (32, 64, 64) on 8x8x4 latents, batch 64, context 16x128
+    tiny   configs/base_discrete.py: UNet (32, 64, 64) on 8x8x4 latents, batch 64, context 16x128
     small  base with UNet widths (64, 128, 128) on 16x16x4 latents (64^2 images), batch 16
     sd15   configs/sd15.py's architectures (UNet 859.5M parameters, context 77x768) at 32x32x4
            latents (256^2 images), batch 1; float32 and no rematerialisation unless asked
@@ -68,7 +68,7 @@ def size_config(name: str, *, batch: int | None = None, image_size: int | None =
         config = config_lib.load_config(REPO / "configs" / "sd15.py")
         config.data.update(image_size=256, batch_size=1)
     else:
-        config = config_lib.load_config(REPO / "configs" / "base.py")
+        config = config_lib.load_config(REPO / "configs" / "base_discrete.py")
     if name == "small":
         config.unet.block_out_channels = (64, 128, 128)
         config.data.update(image_size=64, batch_size=16)

@@ -72,11 +72,15 @@ def get_config() -> ml_collections.ConfigDict:
     # process: "discrete" (the schedule below) | "flow" | "edm" | "vdm", with process_kwargs (flow: shift;
     # edm: sigma_min, sigma_max, sigma_data, rho; vdm: gamma_min, gamma_max, learned) and
     # timestep_kwargs (logit_normal: logit_mean, logit_std; lognormal: p_mean, p_std).
+    # Rectified flow with SD3's velocity target, unweighted, at logit-normal times: the best of the
+    # six processes at a fixed small budget (experiments/results/process.md); configs/base_discrete.py
+    # keeps the discrete eps + min-SNR recipe this config had before. The schedule keys below are
+    # the discrete process's (unused by flow).
     c.diffusion = dict(
-        process="discrete", process_kwargs={},
+        process="flow", process_kwargs={},
         schedule="scaled_linear", num_timesteps=1000, zero_terminal_snr=False, schedule_kwargs={},
-        objective="simple", prediction="eps", variance="fixed_small",
-        weighting="min_snr", min_snr_gamma=5.0, timestep_sampler="uniform", timestep_kwargs={},
+        objective="simple", prediction="velocity", variance="fixed_small",
+        weighting="none", min_snr_gamma=5.0, timestep_sampler="logit_normal", timestep_kwargs={},
         preconditioning="none",  # "edm": Karras et al.'s c_skip, c_out, c_in (process "edm", prediction "x0")
     )
 

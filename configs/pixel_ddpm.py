@@ -23,7 +23,7 @@ from ldm_jax.config import load_config
 
 
 def get_config():
-    c = load_config(pathlib.Path(__file__).with_name("base.py"))
+    c = load_config(pathlib.Path(__file__).with_name("base_discrete.py"))
     c.stages = ("ldm",)
     c.autoencoder.kind = "identity"
     c.conditioning.kind = "none"

@@ -23,7 +23,7 @@ SD15_DIR = "~/models/stable-diffusion-v1-5"  # a placeholder: point the sources 
 
 
 def get_config():
-    c = load_config(pathlib.Path(__file__).with_name("base.py"))
+    c = load_config(pathlib.Path(__file__).with_name("base_discrete.py"))
     c.stages = ("ldm",)
     c.data.update(name="image_folder", image_size=512, batch_size=32, flip=True, num_workers=8,
                   options={"folder": "~/data/images"})

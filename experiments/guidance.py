@@ -5,17 +5,19 @@ Question: how does the guidance scale w trade prompt adherence for diversity? Ex
 al. 2022): accuracy rises from w = 1 (no guidance) and saturates, while the diversity of samples
 for one prompt falls as w grows; very high w over-saturates and starts to hurt.
 
-One training run of configs/base.py; each point samples with 20-step DPM-Solver++ at one scale.
-Metrics: prompt accuracy (256 captions each of `test` and `heldout`) and `diversity` (mean
-pairwise feature distance of several samples per caption, relative to real images' own).
+One training run of configs/base_discrete.py (configs/base.py until 2026-12); each point samples
+with 20-step DPM-Solver++ at one scale. Metrics: prompt accuracy (256 captions each of `test` and
+`heldout`) and `diversity` (mean pairwise feature distance of several samples per caption, relative
+to real images' own).
 
-Expected cost: one training run of configs/base.py (timed in benchmarks/results/base_run.json)
+Expected cost: one training run of configs/base_discrete.py (timed in
+benchmarks/results/base_discrete_run.json)
 and seven evaluations; the evaluations' time was not recorded.
     python -m ldm_jax.experiments run experiments/guidance.py --root runs/guidance
 """
 from ldm_jax.experiments import Sweep, product
 
-BASE = "configs/base.py"
+BASE = "configs/base_discrete.py"
 
 
 def sweep():
@@ -27,7 +29,8 @@ def sweep():
 
 
 FINDINGS = """
-Run on a 2-core CPU (the time was not recorded); the training run is configs/base.py's, 1400 +
+Run on a 2-core CPU (the time was not recorded); the training run is configs/base_discrete.py's,
+1400 +
 1600 steps with the config of the time, reused as the sweep's `base` workdir. One seed per point.
 Noise: an accuracy over 256 captions has a 95% interval of about +-3.5 points near 90%
 (binomial), and the difference of two such accuracies one of about +-5 to +-9 points; differences

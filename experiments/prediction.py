@@ -7,19 +7,20 @@ introduced v for distillation and found it at least as good), x0-prediction with
 over-weights the noisiest timesteps' impossible task and is worse; min-SNR-gamma weighting
 (Hang et al. 2023, Fig. 1 / Table 1) speeds up convergence for all three, most for x0.
 
-Latent diffusion on `shapes` from configs/base.py: one autoencoder trained once and shared, then
-six diffusion runs of 1200 steps. Metrics: bits per latent dimension
-(the bound with all T terms, 64 test examples), prompt accuracy on 256 `test` captions and
+Latent diffusion on `shapes` from configs/base_discrete.py (configs/base.py until 2026-12): one
+autoencoder trained once and shared, then six diffusion runs of 1200 steps. Metrics: bits per latent
+dimension (the bound with all T terms, 64 test examples), prompt accuracy on 256 `test` captions and
 `shapes_fid`.
 
-Expected cost: one autoencoder training (configs/base.py's 1400 steps), six diffusion runs of
-1200 steps and six evaluations; their time was not recorded (configs/base.py's whole run, with
-1600 diffusion steps, is timed in benchmarks/results/base_run.json).
+Expected cost: one autoencoder training (base_discrete.py's 1400 steps), six diffusion runs of
+1200 steps and six evaluations; their time was not recorded (configs/base_discrete.py's whole run,
+with
+1600 diffusion steps, is timed in benchmarks/results/base_discrete_run.json).
     python -m ldm_jax.experiments run experiments/prediction.py --root runs/prediction
 """
 from ldm_jax.experiments import Sweep, product
 
-BASE = "configs/base.py"
+BASE = "configs/base_discrete.py"
 
 
 def sweep():
@@ -35,7 +36,8 @@ def sweep():
 FINDINGS = """
 Run on a 2-core CPU beside the schedule sweep (the times were not recorded); one seed per point.
 The shared autoencoder is the schedule sweep's (the same overrides: a copy of its workdir), and
-`eps, min_snr` is configs/base.py's own setting at 1200 steps: its numbers equal the schedule
+`eps, min_snr` is configs/base_discrete.py's own setting at 1200 steps: its numbers equal the
+schedule
 sweep's `scaled_linear` point to the last digit. Written as weights on the x0 error, the six
 losses are: eps SNR, v SNR + 1, x0 1, and min-SNR min(SNR, 5) for all three (Hang et al. define
 it so). Noise: prompt accuracy over 256 captions has a 95% interval of +-2.7 to +-6 points (at

@@ -9,13 +9,14 @@ eps / v losses, most clearly at few sampling steps; SiT (Ma et al. 2024) likewis
 schedule and continuous-time bound (Kingma et al. 2021) are built for likelihood: the best
 bits/dim, at some cost in samples.
 
-Latent diffusion on `shapes` from configs/base.py: one autoencoder trained once and shared, then
-six diffusion runs of 600 steps per seed, three seeds (half the other sweeps' 1200 steps, so that
-the 18 runs fit one session of the 2-core CPU). Every run samples with DPM-Solver++(2M)
-(it works in log-SNR, so it runs every process unchanged) at guidance 2 and 5, 10 and 20 steps.
-Metrics: prompt accuracy on 256 `test` and 256 `heldout` captions, `shapes_fid`, and bits per
-latent dimension through the probability-flow ODE (`ode_bpd`: the same estimator for every
-process; 64 test examples). EDM's sigma_data is 1: the latents are scaled to unit variance.
+Latent diffusion on `shapes` from configs/base_discrete.py (configs/base.py when the sweep ran): one
+autoencoder trained once and shared, then six diffusion runs of 600 steps per seed, three seeds
+(half the other sweeps' 1200 steps, so that the 18 runs fit one session of the 2-core CPU). Every
+run samples with DPM-Solver++(2M) (it works in log-SNR, so it runs every process unchanged) at
+guidance 2 and 5, 10 and 20 steps. Metrics: prompt accuracy on 256 `test` and 256 `heldout`
+captions, `shapes_fid`, and bits per latent dimension through the probability-flow ODE (`ode_bpd`:
+the same estimator for every process; 64 test examples). EDM's sigma_data is 1: the latents are
+scaled to unit variance.
 
 Expected cost on the 2-core CPU: the shared autoencoder (about 6 minutes), then per run about 4
 minutes of training and 3 evaluations (bits/dim is computed at the first and reused: it draws no
@@ -24,10 +25,10 @@ samples), about 2 hours in all with --jobs 2.
 """
 from ldm_jax.experiments import Sweep, product
 
-BASE = "configs/base.py"
+BASE = "configs/base_discrete.py"
 
 PROCESSES = [
-    {"diffusion.process": "discrete"},  # configs/base.py: eps with min-SNR
+    {"diffusion.process": "discrete"},  # configs/base_discrete.py: eps with min-SNR
     {"diffusion.process": "discrete", "diffusion.prediction": "v", "diffusion.weighting": "none"},
     {"diffusion.process": "edm", "diffusion.process_kwargs": {"sigma_data": 1.0}, "diffusion.prediction": "x0",
      "diffusion.preconditioning": "edm", "diffusion.weighting": "edm", "diffusion.timestep_sampler": "lognormal"},

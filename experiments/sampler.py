@@ -6,17 +6,19 @@ solvers (ddim, plms, dpm_solver++, euler, heun) are near their best at 20-50 ste
 at ~20 steps about as good as ddim at ~100; the ancestral ddpm sampler needs many steps (poor at
 5-20, its best at 1000).
 
-One training run of configs/base.py (text-conditioned latent diffusion on `shapes`), then each
-(sampler, steps) point evaluates prompt accuracy (the shapes checker on 256 `test` captions) and
-`shapes_fid` (Fréchet distance in a shapes classifier's features, against real test images).
+One training run of configs/base_discrete.py (configs/base.py until 2026-12; text-conditioned latent
+diffusion on `shapes`), then each (sampler, steps) point evaluates prompt accuracy (the shapes
+checker on 256 `test` captions) and `shapes_fid` (Fréchet distance in a shapes classifier's
+features, against real test images).
 
-Expected cost: one training run of configs/base.py (timed in benchmarks/results/base_run.json)
+Expected cost: one training run of configs/base_discrete.py (timed in
+benchmarks/results/base_discrete_run.json)
 and 31 evaluations; the evaluations' time was not recorded.
     python -m ldm_jax.experiments run experiments/sampler.py --root runs/sampler
 """
 from ldm_jax.experiments import Sweep, product
 
-BASE = "configs/base.py"
+BASE = "configs/base_discrete.py"
 
 
 def sweep():
@@ -30,7 +32,8 @@ def sweep():
 
 
 FINDINGS = """
-Run on a 2-core CPU (the time was not recorded); the training run is configs/base.py's, 1400 +
+Run on a 2-core CPU (the time was not recorded); the training run is configs/base_discrete.py's,
+1400 +
 1600 steps with the config of the time, reused as the sweep's `base` workdir. Guidance 2
 everywhere; 256 `test` captions and one seed per point. Noise: prompt accuracy near 90% over 256
 captions has a 95% interval of about +-3.5 points (binomial), the difference of two points one of

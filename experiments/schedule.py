@@ -7,18 +7,19 @@ Diffusion Noise Schedules and Sample Steps are Flawed): rescaling to zero termin
 v-prediction and fixes the train/test mismatch at t = T; the sigmoid schedule (Jabri et al.
 2023) sits between. Here the latents are 8x8x4, a very low resolution.
 
-Latent diffusion on `shapes` from configs/base.py: one autoencoder trained once and shared, five
-diffusion runs of 1200 steps, each sampled with two timestep spacings (trailing, the base config's,
-and leading). Metrics: bits per latent dimension (comparable across points: the same autoencoder
-gives the same latents), prompt accuracy (256 `test` captions), `shapes_fid`.
+Latent diffusion on `shapes` from configs/base_discrete.py (configs/base.py until 2026-12): one
+autoencoder trained once and shared, five diffusion runs of 1200 steps, each sampled with two
+timestep spacings (trailing, the base config's, and leading). Metrics: bits per latent dimension
+(comparable across points: the same autoencoder gives the same latents), prompt accuracy (256 `test`
+captions), `shapes_fid`.
 
-Expected cost: one autoencoder training (configs/base.py's 1400 steps), five diffusion runs of
+Expected cost: one autoencoder training (base_discrete.py's 1400 steps), five diffusion runs of
 1200 steps and ten evaluations; their time was not recorded.
     python -m ldm_jax.experiments run experiments/schedule.py --root runs/schedule
 """
 from ldm_jax.experiments import Sweep, cross, zip_
 
-BASE = "configs/base.py"
+BASE = "configs/base_discrete.py"
 
 
 def sweep():

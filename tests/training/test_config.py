@@ -18,7 +18,8 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.py"))
 BASE = CONFIGS[[p.name for p in CONFIGS].index("base.py")]
 
 
-def load(name="base.py", overrides=()):
+def load(name="base_discrete.py", overrides=()):
+    """The discrete recipe by default: every diffusion key's full set of choices applies to it."""
     return config_lib.load_config(BASE.with_name(name), overrides)
 
 

@@ -1,7 +1,6 @@
-"""A tiny version of configs/base.py for the training tests (compiles in seconds on CPU), and the
-cheap compilation the end-to-end training tests run under."""
+"""A tiny version of configs/base_discrete.py for the training tests (compiles in seconds on CPU),
+and the cheap compilation the end-to-end training tests run under."""
 import contextlib
-import importlib.util
 import os
 
 import ml_collections
@@ -19,10 +18,12 @@ TINY_UNET = dict(block_out_channels=(16,), layers_per_block=1, down_block_types=
 
 
 def load_base() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("base_config", os.path.join(ROOT, "configs", "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """configs/base_discrete.py: base.py with the discrete eps + min-SNR diffusion these tests (and
+    the stored-config fixtures) were written for; tests/training/test_process_runs.py trains
+    base.py's rectified flow through the same loop."""
+    from ldm_jax.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", "base_discrete.py"))
 
 
 def tiny_config(data_dir: str, ae_steps: int = 4, ldm_steps: int = 4) -> ml_collections.ConfigDict:

@@ -66,11 +66,14 @@ def _tick(done):
 
 def _blend(blend, x, i, abar_next):
     """Per-step hook of inpainting: the known region put back at x's noise level (diffusers'
-    4-channel inpainting); exactly the known latents after the last step (abar_next = 1)."""
-    del i
+    4-channel inpainting); exactly the known latents after the last step (abar_next = 1). For a
+    continuous process, x_t = alpha z0 + sigma eps with alpha^2 + sigma^2 = scale^2 at the next
+    time (the samplers' abar_next is alpha^2 / scale^2): blend["scale"][i] holds that scale."""
     if blend is None:
         return x
     known = jnp.sqrt(abar_next) * blend["z0"] + jnp.sqrt(1.0 - abar_next) * blend["noise"]
+    if "scale" in blend:
+        known = blend["scale"][i] * known
     return blend["keep"] * known + (1.0 - blend["keep"]) * x
 
 
@@ -146,6 +149,10 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
             extra = jnp.concatenate([m_lat, model.encode(params, inputs["images"] * (1.0 - m))], axis=-1)
         else:
             blend = {"z0": z0, "noise": noise, "keep": 1.0 - m_lat}
+            if model.continuous:  # sqrt(alpha^2 + sigma^2) after each step of the process's grid
+                alpha, sigma = model.process_of(params).alpha_sigma(
+                    jnp.asarray(model.process.time_grid(program.num_steps)[1:]))
+                blend["scale"] = jnp.sqrt(jnp.square(alpha) + jnp.square(sigma))
     start, visited = program.start_step, program.num_steps - program.start_step
     if program.task == "image" or start:  # img2img always starts from the noised image
         if model.continuous:

@@ -38,8 +38,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_s", "step_time_s")
 
-# The tests' tiny config (tests/training/tiny.py: tiny_config with the one-level UNet), without
-# the latent table.
+# The tests' tiny config (tests/training/tiny.py: tiny_config, on configs/base_discrete.py, with the
+# one-level UNet), without the latent table.
 CONFIG = '''"""The kill soak's tiny config (written by tools/kill_soak.py)."""
 import importlib.util
 
@@ -79,7 +79,7 @@ def get_config():
 def write_config(root: str, ae_steps: int, ldm_steps: int, data_dir: str | None = None) -> str:
     path = os.path.join(root, "soak_config.py")
     with open(path, "w") as f:
-        f.write(CONFIG.format(base=os.path.join(ROOT, "configs", "base.py"),
+        f.write(CONFIG.format(base=os.path.join(ROOT, "configs", "base_discrete.py"),
                               data_dir=data_dir or os.path.join(root, "datasets"), ae_steps=ae_steps,
                               ldm_steps=ldm_steps))
     return path

@@ -246,9 +246,6 @@ def _sample_in_solvers(model_fn, proc, shape, rng, sampler, num_steps, predictio
     if variance != "fixed_small":
         raise ValueError(f"variance {variance!r} is for the discrete ddpm sampler; {sampler!r} on a "
                          f"{proc.name} process uses the posterior variance (fixed_small)")
-    if after_step is not None:
-        raise ValueError(f"after_step (inpainting's blending) is not supported with sampler {sampler!r} on a "
-                         f"{proc.name} process yet")
     if proc.continuous:
         if steps_offset or karras_sigmas:
             raise ValueError(f"steps_offset and karras_sigmas select discrete timesteps; a {proc.name} process "
@@ -264,7 +261,7 @@ def _sample_in_solvers(model_fn, proc, shape, rng, sampler, num_steps, predictio
         times = np.append(ts, -1)
     return solvers.sample(model_fn, proc, shape, rng, sampler, num_steps, prediction, eta, times=times,
                           order=order, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory,
-                          start_step=start_step, churn=churn or solvers.Churn())
+                          start_step=start_step, churn=churn or solvers.Churn(), after_step=after_step)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

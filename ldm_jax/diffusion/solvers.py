@@ -68,7 +68,7 @@ def check_times(times, proc: processes_lib.Process) -> np.ndarray:
 def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 50, prediction: str = "eps",
            eta=0.0, *, times=None, order: int = 2, clip_x0: float | None = None, x_T=None,
            return_trajectory: int = 0, start_step: int = 0, churn: Churn = Churn(),
-           lower_order_final: bool = True):
+           lower_order_final: bool = True, after_step=None):
     """Draw x_0 [shape] from `proc` with `sampler` over num_steps steps (see the module docstring).
 
     times: the grid (num_steps + 1 times, decreasing to the clean end); default proc.time_grid.
@@ -80,6 +80,10 @@ def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 
     x_T: the initial state (default proc.prior_std * N(0, I)); with start_step, the state at
       grid time times[start_step] (SDEdit).
     churn: `Churn(s_churn, s_tmin, s_tmax, s_noise)` for sampler "edm".
+    after_step: (x_next, i, abar_next) -> x_next after every step i, as in `samplers.sample`, with
+      abar_next = alpha^2 / (alpha^2 + sigma^2) at the next time (the variance-preserving
+      process's alpha-bar at the same log-SNR; 1 at the clean end): a progress tick, or a blend
+      for processes where alpha^2 + sigma^2 = 1.
     """
     processes_lib._check("sampler", sampler, SOLVERS)
     processes_lib._check("prediction", prediction, processes_lib.PREDICTIONS)
@@ -107,8 +111,9 @@ def sample(model_fn, proc, shape, rng, sampler: str = "euler", num_steps: int = 
     config = _Config(sampler, int(num_steps), shape, prediction, int(order), clip_x0, int(return_trajectory),
                      int(start_step), bool(lower_order_final))
     churn = Churn(*(jnp.float32(c) for c in churn))
+    hook = None if after_step is None else as_pytree_fn(after_step)
     return _sample(as_pytree_fn(model_fn), proc, jnp.asarray(times), rng, jnp.asarray(eta, jnp.float32), x_T, churn,
-                   config=config)
+                   hook, config=config)
 
 
 def _levels(proc, t):
@@ -120,7 +125,7 @@ def _levels(proc, t):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _sample(model_fn, proc, times, rng, eta, x_T, churn, *, config: _Config):
+def _sample(model_fn, proc, times, rng, eta, x_T, churn, after_step, *, config: _Config):
     init_key, loop_key = split(rng, 2)
     batch, N = config.shape[0], config.num_steps
     if x_T is None:
@@ -155,6 +160,9 @@ def _sample(model_fn, proc, times, rng, eta, x_T, churn, *, config: _Config):
         carry, record = state
         x_t = carry["x"]
         carry, pred_x0 = step(ctx, carry, inp)
+        if after_step is not None:
+            a2, s2 = jnp.square(inp["a_next"]), jnp.square(inp["s_next"])
+            carry = dict(carry, x=after_step(carry["x"], inp["i"], a2 / (a2 + s2)))
         if record is not None:
             j = inp["i"] - config.start_step
             slot, keep = j // k, j % k == 0

@@ -54,6 +54,7 @@ def config_for_diffusers(components, source: str):
     config.unet = _kwargs(c.unet, _NOT_IN_CONFIG["unet"])
     config.conditioning.update(kind="text", caption_dropout=0.1)
     config.diffusion.update(
+        process="discrete", process_kwargs={}, timestep_kwargs={}, preconditioning="none",  # not base.py's flow
         schedule=schedule.pop("name"), num_timesteps=int(schedule.pop("num_timesteps")),
         zero_terminal_snr=bool(schedule.pop("zero_terminal_snr")), prediction=schedule.pop("prediction"),
         variance="fixed_small", objective="simple", weighting="none", timestep_sampler="uniform")

@@ -3,8 +3,10 @@ mixture (`oracles.process_model_fn`): every sampler reproduces the mixture on ev
 discrete process runs the old path bit for bit; EDM's stochastic sampler without churn is Heun.
 (The convergence orders on the linear-Gaussian case are in test_process_convergence.py.)"""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from ldm_jax.diffusion import processes, samplers, schedules, solvers
 from tests.diffusion.oracles import process_model_fn
@@ -126,3 +128,25 @@ def test_edm_sampler_on_a_process_is_heun_without_churn():
     edm = samplers.sample(model, proc, (256, 2), jax.random.PRNGKey(0), sampler="edm", **args)
     np.testing.assert_allclose(edm[1]["x_t"], heun[1]["x_t"], atol=1e-6)
     np.testing.assert_allclose(edm[0], heun[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flow", "edm", "discrete"])
+def test_after_step_gets_each_step_and_the_next_times_alpha_bar(name):
+    """The hook (x_next, i, abar_next) runs after every step with abar_next = alpha^2 / (alpha^2 +
+    sigma^2) at the next grid time (1 at the clean end): a hook that writes abar_next into the
+    state shows it in the trajectory, which records the state before each step."""
+    proc = {"flow": processes.make_process("flow"), "edm": processes.make_process("edm"),
+            "discrete": processes.make_process("discrete", schedule=schedules.make_schedule("linear", 1000))}[name]
+    steps = 4
+    hook = Partial(lambda x, i, abar: jnp.full_like(x, abar + 10.0 * i))
+    zero = Partial(lambda x, t: jnp.zeros_like(x))
+    sampler = "euler" if name != "discrete" else "unipc"  # the discrete path through the solvers
+    x, traj = samplers.sample(zero, proc, (2, 3), jax.random.PRNGKey(0), sampler=sampler, num_steps=steps,
+                              prediction="x0", after_step=hook, return_trajectory=1)
+    grid = proc.time_grid(steps) if name != "discrete" else np.append(samplers.timesteps(1000, steps, "leading"), -1)
+    a, s = (np.asarray(v, np.float64) for v in proc.alpha_sigma(jax.numpy.asarray(grid)))
+    abar = a**2 / (a**2 + s**2)
+    want = abar[1:] + 10.0 * np.arange(steps)
+    np.testing.assert_allclose(np.asarray(traj["x_t"])[1:, 0, 0], want[:-1], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.full((2, 3), want[-1]), rtol=1e-5)
+    assert abar[-1] == 1.0

@@ -49,6 +49,19 @@ def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         pipe.text_to_image(["a red circle on the left"], num_steps=2, sampler="plms")
+    # Inpainting with a 4-channel UNet puts the known region back at the flow's noise level after
+    # every step: after the last, exactly the image's latents. A progress bar ticks on a flow model.
+    image = pipe.text_to_image(["a red circle on the left"], num_steps=2, seed=1)
+    mask = np.zeros((1, 32, 32), np.float32)
+    mask[:, :, 16:] = 1.0  # repaint the right half
+    painted = np.asarray(pipe.inpaint(image, mask, ["a blue square on the right"], num_steps=2, seed=0,
+                                      output_type="latent"))
+    known, f = pipe.encode(image), pipe.downsampling_factor
+    np.testing.assert_allclose(painted[:, :, :16 // f], known[:, :, :16 // f], atol=1e-5)
+    assert np.abs(painted[:, :, 16 // f:] - known[:, :, 16 // f:]).max() > 0.1
+    ticking = LatentDiffusionPipeline.from_workdir(workdir, progress=True)
+    ticked = ticking.text_to_image(["a red circle on the left"], num_steps=2, seed=0, output_type="latent")
+    assert np.array_equal(np.asarray(ticked), np.asarray(z))
     with pytest.raises(ValueError, match="with_spacing sets a discrete-time schedule; this model's process is 'flow'"):
         pipe.with_spacing("trailing")
     with pytest.raises(ValueError, match="with_scheduler sets a discrete-time schedule; this model's process is"):

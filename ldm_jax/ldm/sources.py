@@ -98,6 +98,8 @@ def from_workdir(workdir: str, step: int | None = None, ema: bool = True, mesh=N
     params = {"unet": trainable["unet"], "scale": meta["scale_factor"],
               "autoencoder": autoencoder_params(config, workdir, mesh)}
     params.update({k: trainable[k] for k in model.conditioning.param_keys if k in trainable})
+    if "process" in trainable:  # a learned schedule (VDM's gamma), trained and averaged with the UNet
+        params["process"] = trainable["process"]
     if isinstance(model.conditioning, TextConditioning) and not model.conditioning.trainable:
         params["text_encoder"] = text_encoder_params(config)
     return Loaded(model, params, config, dict(kind="workdir", path=workdir, step=int(state["step"]), ema=bool(ema)))

@@ -7,13 +7,16 @@ UNet on its latents with a from-scratch CLIP-architecture text encoder, on a 2-c
 
 Expect (benchmarks/results/base_run.json, written by `python benchmarks/base_run.py`, which runs
 this command from a fresh workdir and records the machine, the package versions and the commit):
-on the 2-core CPU, shared with other work at the time, 19:35 wall (autoencoder stage 462 s at a
-median 104 img/s, latent table 21 s, diffusion training 643 s at 201 img/s, samples and prompt
-accuracy 29 s), peak RSS 3.2 GiB; autoencoder reconstructions keep the captioned shape 98.8% of
-the time; EMA model prompt accuracy 90.2% on the shapes test split (95% interval 86.0-93.3%;
-colour 100, shape 91.4, position 98.4) and 84.4% on the held-out combinations (79.4-88.3%), with
-20-step DPM-Solver++ at guidance 2. The figures are bitwise reproducible on one kind of machine;
-another CPU may differ by a caption or a few (XLA compiles for the host's instruction set).
+on the 2-core CPU (an AMD EPYC), shared with two other training runs at the time, 25:38 wall
+(autoencoder stage 468 s at a median 103 img/s, latent table 25 s, diffusion training 989 s at
+116 img/s, samples and prompt accuracy 33 s), peak RSS 3.4 GiB; autoencoder reconstructions keep
+the captioned shape 98.4% of the time; EMA model prompt accuracy 95.3% on the shapes test split
+(95% interval 92.0-97.3%; colour 100, shape 95.3, position 100) and 94.5% on the held-out
+combinations (91.0-96.7%), with 20-step DPM-Solver++ at guidance 2. The discrete eps + min-SNR
+recipe this config had before (configs/base_discrete.py) reached 90.2% and 84.4% with the same
+steps (benchmarks/results/base_discrete_run.json, on an Intel Xeon). The figures are bitwise
+reproducible on one kind of machine; another CPU may differ by a caption or a few (XLA compiles
+for the host's instruction set).
 """
 import ml_collections
 

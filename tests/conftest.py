@@ -62,6 +62,7 @@ import pytest  # noqa: E402
 # Seconds each of the heaviest files took on the 2-core CI machine (pytest --durations=0, summed
 # per file; 2026-12-03, seed 12345, with --no-loadscope-reorder). Used only to order them, longest first.
 HEAVY_FILES = {
+    "tests/training/test_process_runs.py": 200,
     "tests/training/test_loop.py": 156,
     "tests/training/test_stage_paths.py": 145,
     "tests/test_pipeline.py": 134,
@@ -71,6 +72,7 @@ HEAVY_FILES = {
     "tests/test_experiments.py": 95,
     "tests/training/test_autoencoder_stage.py": 72,
     "tests/test_evaluate.py": 62,
+    "tests/ldm/test_model_processes.py": 60,
     "tests/test_benchmarks.py": 51,
     "tests/test_convert.py": 47,
     "tests/notebooks/test_quickstart.py": 45,

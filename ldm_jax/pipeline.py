@@ -157,6 +157,32 @@ class LatentDiffusionPipeline:
         other._set_schedule({**self.schedule, "spacing": spacing})
         return other
 
+    def with_lora(self, lora, scale: float = 1.0) -> "LatentDiffusionPipeline":
+        """The same model with a LoRA merged into its weights (W + scale * (alpha / r) A B in each adapted
+        layer; exact, so sampling costs what it did): `lora` is a LoRA file -- diffusers / peft
+        (`pytorch_lora_weights.safetensors`, as `save_lora_weights` writes it) or kohya -- or a folder
+        holding pytorch_lora_weights.safetensors, or adapters {"unet": ..., "text_encoder": ...}
+        (`models.lora`, alpha / r already in B). Applying several LoRAs adds them up."""
+        from ldm_jax.interop import lora_weights
+        from ldm_jax.models import lora as lora_lib
+
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale):
+            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+        host = {k: jax.device_get(self.params[k]) for k in lora_lib.NETWORKS if k in self.params}
+        if isinstance(lora, dict):
+            adapters, source = lora, "adapters"
+        else:
+            adapters, source = lora_weights.load_lora_weights(lora, host), str(lora_weights.lora_file(lora))
+        params = dict(self.params)
+        for network, tree in adapters.items():
+            if network not in host:
+                raise ValueError(f"the LoRA adapts the {network.replace('_', ' ')}, which this model does not have")
+            params[network] = lora_lib.merge(host[network], tree, float(scale))
+        other = copy.copy(self)
+        other.params = jax.device_put(params, sharding.replicated(self.mesh))
+        other.info = {**self.info, "lora": [*self.info.get("lora", []), {"path": source, "scale": float(scale)}]}
+        return other
+
     def _check_discrete(self, what: str) -> None:
         if self.model.process is not None:
             raise ValueError(f"{what} sets a discrete-time schedule; this model's process is "

@@ -51,6 +51,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "images per compiled batch")
     flags.DEFINE_bool("progress", True, "show a progress bar over the sampler steps")
     flags.DEFINE_string("out", None, "output folder")
+    flags.DEFINE_string("lora", None, "a LoRA merged into the model: a diffusers / peft or kohya .safetensors file, or "
+                        "a folder holding pytorch_lora_weights.safetensors")
+    flags.DEFINE_float("lora_scale", 1.0, "the LoRA's weight (diffusers' cross_attention_kwargs scale)")
 
 
 def main(argv):

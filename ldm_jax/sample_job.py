@@ -46,6 +46,8 @@ class SampleArgs:
     mask: str | None = None
     batch_size: int = 8
     progress: bool = True
+    lora: str | None = None  # a LoRA file or folder merged into the model (`LatentDiffusionPipeline.with_lora`)
+    lora_scale: float = 1.0
 
 
 def _conditions(args: SampleArgs) -> list:
@@ -95,6 +97,10 @@ def _check_flags(args: SampleArgs) -> None:
             raise SampleError(f"--{key} must be positive, got {value}")
     if args.batch_size < 1:
         raise SampleError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.lora_scale != 1.0 and not args.lora:
+        raise SampleError("--lora_scale weighs a --lora; give the LoRA file too")
+    if not math.isfinite(args.lora_scale):
+        raise SampleError(f"--lora_scale must be a finite number, got {args.lora_scale}")
 
 
 def _read_image(path: str, what: str, mode: str):
@@ -144,6 +150,8 @@ def load_pipeline(args: SampleArgs):
             pipe = _load(("workdir", os.path.abspath(args.workdir), step, bool(args.ema)))
         else:
             pipe = _load(("pretrained", os.path.abspath(args.pretrained), None, True))
+        if args.lora:  # merged into a copy: the cached pipeline stays the base model
+            pipe = pipe.with_lora(args.lora, args.lora_scale)
     except (FileNotFoundError, ValueError) as e:
         raise SampleError(str(e)) from None
     pipe.progress = args.progress
@@ -179,6 +187,8 @@ def _reproduce_command(args: SampleArgs, cond, seed: int, pipe, settings: dict) 
         cmd += ["--init_image", os.path.abspath(args.init_image), "--strength", repr(settings["strength"])]
     if args.mask:
         cmd += ["--mask", os.path.abspath(args.mask)]
+    if args.lora:
+        cmd += ["--lora", os.path.abspath(args.lora), "--lora_scale", repr(float(args.lora_scale))]
     return cmd + ["--out", "<folder>"]
 
 
@@ -271,4 +281,6 @@ def args_from_sidecar(sidecar: dict, out: str) -> SampleArgs:
         negative_prompt=sidecar["negative_prompt"], seed=sidecar["seed"], sampler=sidecar["sampler"],
         steps=sidecar["steps"], guidance=sidecar["guidance"], guidance_rescale=sidecar["guidance_rescale"],
         eta=sidecar["eta"], height=sidecar["height"], width=sidecar["width"], init_image=sidecar["init_image"],
-        strength=sidecar.get("strength"), mask=sidecar["mask"], progress=False)
+        strength=sidecar.get("strength"), mask=sidecar["mask"], progress=False,
+        lora=model["lora"][0]["path"] if model.get("lora") else None,
+        lora_scale=model["lora"][0]["scale"] if model.get("lora") else 1.0)

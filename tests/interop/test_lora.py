@@ -6,6 +6,7 @@ equals the adapted forward; bad files name the file and the key.
 One tiny random SD folder (UNet (32, 64), one layer, 32-wide context, 8x8 latents; a one-layer CLIP)
 with the Euler scheduler; every pipeline shares one compiled program (a LoRA only changes the
 parameters)."""
+import dataclasses
 import json
 
 import jax
@@ -268,3 +269,29 @@ def test_bad_files_name_the_file_and_key(ours, torch_lora_dir, tmp_path):
         lora_weights.target_paths(ours.params["unet"], ["to_z"])
     with pytest.raises(ValueError, match="finite"):
         ours.with_lora(torch_lora_dir, scale=float("nan"))
+
+
+def test_sample_command_merges_the_lora(ours, folder, torch_lora_dir, tmp_path):
+    """python -m ldm_jax.sample --pretrained DIR --lora PATH --lora_scale S: the pipeline it samples is
+    with_lora's, a sidecar's model regenerates with the same LoRA, and bad flags fail before sampling."""
+    from ldm_jax import sample_job
+
+    args = sample_job.SampleArgs(out=str(tmp_path), pretrained=str(folder), lora=str(torch_lora_dir), lora_scale=0.5,
+                                 prompt=["a cat"], progress=False)
+    pipe = sample_job.load_pipeline(args)
+    want = ours.with_lora(torch_lora_dir, scale=0.5)
+    for a, b in zip(jax.tree.leaves(pipe.params), jax.tree.leaves(want.params)):
+        np.testing.assert_array_equal(a, b)
+    assert pipe.info["lora"] == [{"path": str(torch_lora_dir / "pytorch_lora_weights.safetensors"), "scale": 0.5}]
+    assert not np.array_equal(pipe.params["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]
+                              ["to_q"]["kernel"], ours.params["unet"]["down_blocks_0"]["attentions_0"]
+                              ["transformer_blocks_0"]["attn1"]["to_q"]["kernel"])
+    settings = dict(sampler="euler", steps=2, guidance=1.0, guidance_rescale=0.0, eta=0.0, height=16, width=16)
+    back = sample_job.args_from_sidecar({"model": {"pretrained": str(folder), **pipe.info}, "prompt": "a cat",
+                                         "negative_prompt": None, "seed": 0, "init_image": None, "mask": None,
+                                         **settings}, str(tmp_path))
+    assert (back.lora, back.lora_scale) == (pipe.info["lora"][0]["path"], 0.5)
+    for bad, message in ((dict(lora_scale=2.0, lora=None), "--lora_scale weighs a --lora"),
+                         (dict(lora=str(tmp_path / "none.safetensors")), "no LoRA file")):
+        with pytest.raises(sample_job.SampleError, match=message):
+            sample_job.generate(dataclasses.replace(args, **bad))

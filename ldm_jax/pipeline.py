@@ -119,20 +119,24 @@ class LatentDiffusionPipeline:
                    mesh=mesh, progress=progress, info=loaded.info)
 
     @classmethod
-    def from_diffusers_dir(cls, path: str, *, dtype=None, mesh=None,
+    def from_diffusers_dir(cls, path: str, *, variant: str | None = None, dtype=None, mesh=None,
                            progress: bool = False) -> "LatentDiffusionPipeline":
         """A local diffusers-format Stable Diffusion folder (SD 1.x / 2.x, eps or v prediction as its
-        scheduler config says; a 9-channel inpainting UNet is used as such by `inpaint`)."""
+        scheduler config says; a 9-channel inpainting UNet is used as such by `inpaint`).
+
+        variant: read `*.{variant}.safetensors` weights (e.g. "fp16"; upcast to float32 params);
+        by default the plain files, or the folder's only variant. `info` records the variant read
+        and the model_index.json components not loaded (`interop.diffusers.load_diffusers_dir`)."""
         from ldm_jax.interop import diffusers as hf
 
         path = os.path.abspath(os.path.expanduser(path))
-        c = hf.load_diffusers_dir(path, dtype=dtype)
+        c = hf.load_diffusers_dir(path, variant=variant, dtype=dtype)
         params = {"unet": c.unet_params, "text_encoder": c.text_encoder_params, "autoencoder": c.vae_params,
                   "scale": c.vae.scaling_factor}
         sampler = SCHEDULER_SAMPLERS.get((c.scheduler_config or {}).get("_class_name"), "ddim")
         return cls(unet=c.unet, autoencoder=c.vae, params=params, schedule=c.schedule, text_encoder=c.text_encoder,
                    tokenizer=c.tokenizer, defaults=SamplerDefaults(sampler=sampler), mesh=mesh, progress=progress,
-                   info=dict(kind="diffusers", path=path))
+                   info=dict(kind="diffusers", path=path, variant=c.variant, ignored=dict(c.ignored)))
 
     def with_scheduler(self, scheduler_config) -> "LatentDiffusionPipeline":
         """The same weights with the schedule, spacing and default sampler of a diffusers scheduler

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,7 +32,7 @@ from ldm_jax.interop import clip_weights, unet_weights, vae_weights
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.text_encoder import CLIPTextEncoder, make_tokenizer
 from ldm_jax.models.unet import UNet
-from ldm_jax.runtime.files import read_json, read_safetensors_weights
+from ldm_jax.runtime.files import load_safetensors, read_json, read_safetensors_index
 
 # The diffusers version our exports are written for (and tested against).
 DIFFUSERS_VERSION = "0.42.1"
@@ -177,7 +178,10 @@ class DiffusersComponents:
     """The models of a Stable-Diffusion-style pipeline, as Flax modules + params.
 
     ``schedule`` is ``schedule_from_scheduler_config``'s dict; ``scheduler_config`` the raw
-    diffusers config it came from (exported as is when present).
+    diffusers config it came from (exported as is when present). A loaded folder also records
+    ``variant`` (the weights variant read, None for the plain files), ``weight_files``
+    ({component: the weights file or shard index read, relative to the folder}) and ``ignored``
+    ({component: class} for the model_index.json entries not loaded, e.g. the safety checker).
     """
     unet: UNet
     unet_params: dict
@@ -188,6 +192,9 @@ class DiffusersComponents:
     tokenizer: Any
     schedule: dict
     scheduler_config: dict | None = None
+    variant: str | None = None
+    weight_files: dict = dataclasses.field(default_factory=dict)
+    ignored: dict = dataclasses.field(default_factory=dict)
 
 
 # component -> (weights file stem, config file name, accepted classes)
@@ -198,19 +205,82 @@ _COMPONENTS = {
 }
 
 
+# model_index.json entries of Stable Diffusion folders that ldm_jax accepts and does not load.
+IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def weight_variants(folder: pathlib.Path, stem: str) -> set[str | None]:
+    """The weights variants in ``folder``: None for ``{stem}.safetensors`` (or its shard index
+    ``{stem}.safetensors.index.json``), "fp16" for ``{stem}.fp16.safetensors`` (or
+    ``{stem}.safetensors.index.fp16.json``, as diffusers and transformers name a sharded variant's
+    index; also ``{stem}.fp16.safetensors.index.json``), and so on for other variant names."""
+    found: set[str | None] = set()
+    if not folder.is_dir():
+        return found
+    patterns = (re.escape(stem) + r"\.safetensors(?:\.index\.json)?",
+                re.escape(stem) + r"\.([^.]+)\.safetensors(?:\.index\.json)?",
+                re.escape(stem) + r"\.safetensors\.index\.([^.]+)\.json")
+    for path in folder.iterdir():
+        for pattern in patterns:
+            m = re.fullmatch(pattern, path.name)
+            if m and not (m.groups() and _SHARD.search(m.group(1))):
+                found.add(m.group(1) if m.groups() else None)
+    return found
+
+
 def _read_weights(folder: pathlib.Path, stem: str, variant: str | None
                   ) -> tuple[dict[str, np.ndarray], pathlib.Path]:
-    """``{stem}[.{variant}].safetensors``, or the shards listed by its ``.index.json``.
+    """``{stem}[.{variant}].safetensors``, or the shards its index lists, as float32 arrays
+    (float16 / bfloat16 weights are upcast: params are float32).
 
     Returns the state dict and the file it came from (the index file for shards)."""
-    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-    found = read_safetensors_weights(folder, name)
-    if found is not None:
-        return found
-    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
-    hint = (f"; found only pickle files {pickles}, which ldm_jax never loads: re-save them with "
-            "safe_serialization=True") if pickles else ""
-    raise FileNotFoundError(f"missing {folder / name}{hint}")
+    single = folder / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+    indexes = ([folder / f"{stem}.safetensors.index.{variant}.json",
+                folder / f"{stem}.{variant}.safetensors.index.json"] if variant
+               else [folder / f"{stem}.safetensors.index.json"])
+    if single.is_file():
+        state, source = load_safetensors(single), single
+    else:
+        index = next((i for i in indexes if i.is_file()), None)
+        if index is None:
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+            hint = (f"; found only pickle files {pickles}, which ldm_jax never loads: re-save them with "
+                    "safe_serialization=True") if pickles else ""
+            raise FileNotFoundError(f"missing {single} (nor a shard index {indexes[0].name}){hint}")
+        state, source = read_safetensors_index(index), index
+    state = {k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
+             for k, v in state.items()}
+    return state, source
+
+
+def _pick_variant(root: pathlib.Path, variant: str | None) -> tuple[str | None, dict]:
+    """The variant to read and {component: the variant its weights are read in}.
+
+    An asked-for variant is read where a component has it, else its plain files (as diffusers
+    falls back). Without one: the plain files, or, for a component that has none, the folder's
+    only variant. Raises naming the folder and what it holds when a component has neither."""
+    found = {c: weight_variants(root / c, _COMPONENTS[c][0]) for c in _COMPONENTS}
+    others = sorted({v for vs in found.values() for v in vs if v is not None})
+    no_plain = [c for c, vs in found.items() if vs and None not in vs]
+    if variant is None and no_plain:
+        if len(others) > 1:
+            raise FileNotFoundError(f"{root}: {', '.join(no_plain)} hold no plain *.safetensors weights, and the "
+                                    f"folder has the variants {', '.join(others)}; pass variant= one of them")
+        variant = others[0]  # a folder with a single variant (e.g. only *.fp16.safetensors)
+    chosen = {}
+    for component, variants in found.items():
+        if variant in variants:
+            chosen[component] = variant
+        elif None in variants:
+            chosen[component] = None
+        elif not variants:
+            chosen[component] = variant  # _read_weights names the missing file
+        else:  # only other variants (variant is set: without one, the folder's only variant is)
+            raise FileNotFoundError(f"{root / component} holds the weights variants {', '.join(sorted(variants))} "
+                                    f"but no variant {variant!r} (nor plain *.safetensors); pass variant= one of them")
+    return variant, chosen
 
 
 def _load_component(root: pathlib.Path, component: str, variant: str | None, dtype):
@@ -238,36 +308,66 @@ def _load_component(root: pathlib.Path, component: str, variant: str | None, dty
         params = to_params(state_dict, kwargs)
     except ValueError as e:
         raise ValueError(f"{weights_file} does not match {folder / config_name}: {e}") from None
-    return cls(**_with_dtype(kwargs, dtype)), params
+    return cls(**_with_dtype(kwargs, dtype)), params, weights_file
+
+
+def _check_model_index(root: pathlib.Path, index: dict) -> dict:
+    """Refuse a model_index.json whose components ldm_jax cannot load; returns the ignored ones
+    ({component: class}, see IGNORED_COMPONENTS)."""
+    where = root / "model_index.json"
+    for component, (_, _, classes) in _COMPONENTS.items():
+        entry = index.get(component)
+        if not entry or entry[-1] is None:
+            raise ValueError(f"{where}: no {component!r} component")
+        if entry[-1] not in classes:
+            raise ValueError(f"{where}: {component} is a {entry[-1]}; "
+                             f"supported: {', '.join(classes)}")
+    tokenizer = index.get("tokenizer")
+    if tokenizer and tokenizer[-1] is not None and tokenizer[-1] not in _TOKENIZER_CLASSES:
+        raise ValueError(f"{where}: tokenizer is a {tokenizer[-1]}; supported: {', '.join(_TOKENIZER_CLASSES)}")
+    ignored = {}
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or entry[-1] is None:
+            continue  # bookkeeping (_class_name, requires_safety_checker) and absent components
+        if component in IGNORED_COMPONENTS:
+            ignored[component] = entry[-1]
+        elif component not in (*_COMPONENTS, "tokenizer", "scheduler"):
+            raise ValueError(
+                f"{where}: component {component!r} ({entry[-1]}) is not one ldm_jax loads; a Stable Diffusion "
+                f"1.x / 2.x folder has unet, vae, text_encoder, tokenizer and scheduler (and may name "
+                f"{', '.join(IGNORED_COMPONENTS)}, which are ignored)")
+    return ignored
 
 
 def load_diffusers_dir(path, *, variant: str | None = None, dtype=None) -> DiffusersComponents:
     """Read a local diffusers-format Stable Diffusion folder (torch-free, never unpickles).
 
     ``path`` holds ``model_index.json`` and the ``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/`` and ``scheduler/`` folders (weights as ``*.safetensors``, possibly sharded;
-    ``variant="fp16"`` reads ``*.fp16.safetensors``). ``dtype`` sets the modules' activation
-    dtype (params stay float32). Raises FileNotFoundError / ValueError naming the file that is
-    missing, unreadable or does not match its config.
+    ``tokenizer/`` and ``scheduler/`` folders (weights as ``*.safetensors``, possibly sharded
+    through an ``.index.json``). ``variant="fp16"`` reads ``*.fp16.safetensors`` (a component
+    without them: its plain files, as diffusers does); without ``variant``, the plain files, or
+    the folder's only variant when it holds just one (``.variant`` says which was read). Weights
+    stored in float16 / bfloat16 become float32 params; ``dtype`` sets the modules' activation
+    dtype. model_index.json may name a safety checker, feature extractor or image encoder: they
+    are not loaded (``.ignored``); any other unknown component is refused. Raises
+    FileNotFoundError / ValueError naming the file that is missing, unreadable or does not match
+    its config (a shard file, a tensor the shard index lists).
     """
     root = pathlib.Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder {root}")
-    index = read_json(root / "model_index.json")
-    for component, (_, _, classes) in _COMPONENTS.items():
-        entry = index.get(component)
-        if not entry or entry[-1] is None:
-            raise ValueError(f"{root / 'model_index.json'}: no {component!r} component")
-        if entry[-1] not in classes:
-            raise ValueError(f"{root / 'model_index.json'}: {component} is a {entry[-1]}; "
-                             f"supported: {', '.join(classes)}")
-    unet, unet_params = _load_component(root, "unet", variant, dtype)
-    vae, vae_params = _load_component(root, "vae", variant, dtype)
-    text, text_params = _load_component(root, "text_encoder", variant, dtype)
+    ignored = _check_model_index(root, read_json(root / "model_index.json"))
+    variant, variants = _pick_variant(root, variant)
+    unet, unet_params, unet_file = _load_component(root, "unet", variants["unet"], dtype)
+    vae, vae_params, vae_file = _load_component(root, "vae", variants["vae"], dtype)
+    text, text_params, text_file = _load_component(root, "text_encoder", variants["text_encoder"], dtype)
+    weight_files = {c: str(f.relative_to(root)) for c, f in
+                    (("unet", unet_file), ("vae", vae_file), ("text_encoder", text_file))}
     if text.hidden_size != unet.cross_attention_dim:
         raise ValueError(f"{root}: text_encoder hidden_size={text.hidden_size} does not match "
                          f"unet cross_attention_dim={unet.cross_attention_dim}")
 
+    index = read_json(root / "model_index.json")
     tok_entry = index.get("tokenizer")
     if tok_entry and tok_entry[-1] is not None:
         tok_dir = root / "tokenizer"
@@ -290,7 +390,8 @@ def load_diffusers_dir(path, *, variant: str | None = None, dtype=None) -> Diffu
     return DiffusersComponents(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
                                text_encoder=text, text_encoder_params=text_params,
                                tokenizer=tokenizer, schedule=schedule,
-                               scheduler_config=scheduler_config)
+                               scheduler_config=scheduler_config, variant=variant,
+                               weight_files=weight_files, ignored=ignored)
 
 
 def module_kwargs(module) -> dict:

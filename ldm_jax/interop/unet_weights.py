@@ -28,7 +28,7 @@ _UNET_FIXED = {
     "only_cross_attention": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "act_fn": "silu", "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "upcast_attention": False,
+    "addition_embed_type": None, "addition_time_embed_dim": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
@@ -39,7 +39,9 @@ _UNET_FIXED = {
 }
 # config keys with no architectural meaning (or defaults-bookkeeping) that we ignore.
 _UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
-                 "addition_embed_type_num_heads"}
+                 "addition_embed_type_num_heads",
+                 # SD 2.x sets it: attention logits and softmax in float32, which ours always are
+                 "upcast_attention"}
 _UNET_DEFAULTS = dict(in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
                       down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

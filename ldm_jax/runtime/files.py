@@ -34,12 +34,43 @@ def read_json(path: pathlib.Path) -> dict:
 
 
 def load_safetensors(path: pathlib.Path, what: str = "") -> dict[str, np.ndarray]:
+    """A .safetensors file as numpy arrays in their stored dtypes (bfloat16 as ml_dtypes')."""
     from safetensors.numpy import load_file
 
     try:
         return load_file(str(path))
+    except TypeError as e:  # numpy has no bfloat16: safetensors.numpy refuses BF16 tensors
+        if "bfloat16" not in str(e):
+            raise ValueError(f"{what}{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{what}{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    return _load_safetensors_with_bfloat16(path, what)
+
+
+def _load_safetensors_with_bfloat16(path: pathlib.Path, what: str) -> dict[str, np.ndarray]:
+    """The safetensors format read directly (an 8-byte little-endian header length, a JSON header
+    of {name: {dtype, shape, data_offsets}}, the data), for files holding BF16 tensors."""
+    import ml_dtypes
+
+    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+    data = path.read_bytes()
+    out = {}
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in dtypes:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which is not supported")
+            begin, end = entry["data_offsets"]
+            out[name] = np.frombuffer(data[8 + n + begin:8 + n + end],
+                                      dtypes[entry["dtype"]]).reshape(entry["shape"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what}{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    return out
 
 
 def load_npz(path: pathlib.Path, what: str = "") -> dict[str, np.ndarray]:
@@ -59,12 +90,24 @@ def read_safetensors_weights(folder: pathlib.Path, name: str
         return load_safetensors(single), single
     if not index.is_file():
         return None
+    return read_safetensors_index(index), index
+
+
+def read_safetensors_index(index: pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of a sharded checkpoint: its `.index.json`'s `weight_map` {tensor: shard file},
+    every shard read from the index's folder. Raises naming the index and the missing shard, or a
+    tensor the index lists that its shard does not hold."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no 'weight_map'")
     state: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        if not (folder / shard).is_file():
-            raise FileNotFoundError(f"missing {folder / shard} (listed in {index})")
-        state.update(load_safetensors(folder / shard))
-    return state, index
+        path = index.parent / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"missing {path} (listed in {index})")
+        tensors = load_safetensors(path)
+        for key in sorted(k for k, v in weight_map.items() if v == shard):
+            if key not in tensors:
+                raise ValueError(f"{index} lists tensor {key!r} in {shard}, which does not hold it")
+        state.update(tensors)
+    return state

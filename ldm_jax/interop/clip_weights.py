@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop.mapping import flatten, params_from_state_dict, state_dict_from_params
+from ldm_jax.interop.mapping import flatten, param_shapes, params_from_state_dict, state_dict_from_params
 
 from ldm_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 
@@ -68,7 +68,7 @@ def text_encoder_param_shapes(kwargs: Mapping[str, Any]) -> dict:
     """Parameter shapes (``jax.ShapeDtypeStruct`` tree) of ``CLIPTextEncoder(**kwargs)``."""
     module = CLIPTextEncoder(**kwargs)
     ids = jax.ShapeDtypeStruct((1, module.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(lambda i: module.init(jax.random.PRNGKey(0), i), ids)["params"]
+    return param_shapes(module, ids)
 
 
 def _strip(state_dict: Mapping[str, Any]) -> dict[str, Any]:

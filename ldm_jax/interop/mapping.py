@@ -7,6 +7,7 @@ State dicts are flat `{key: np.ndarray}`; nothing here imports torch.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -104,11 +105,27 @@ def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
 def param_shapes(module, *example_args, **static_kwargs) -> dict:
     """Parameter shapes of ``module`` via ``jax.eval_shape`` (nothing is allocated).
 
-    ``example_args`` are arrays or ``jax.ShapeDtypeStruct``; ``static_kwargs`` are passed as is.
+    ``example_args`` are arrays or ``jax.ShapeDtypeStruct`` (or None); ``static_kwargs`` are
+    passed as is. Cached per (module, argument shapes, kwargs): tracing a UNet's init takes
+    about half a second, and every load of a folder or checkpoint asks again.
     """
-    variables = jax.eval_shape(
-        lambda *a: module.init(jax.random.PRNGKey(0), *a, **static_kwargs), *example_args)
+    specs = tuple(None if a is None else jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in example_args)
+    key = (module, specs, tuple(sorted(static_kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable module field or kwarg: no caching
+        return _param_shapes(module, specs, static_kwargs)
+    return jax.tree.map(lambda s: s, _cached_param_shapes(*key))  # a fresh tree: callers may edit it
+
+
+def _param_shapes(module, specs, static_kwargs) -> dict:
+    variables = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **static_kwargs), *specs)
     return variables["params"]
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_param_shapes(module, specs, kwargs_items) -> dict:
+    return _param_shapes(module, specs, dict(kwargs_items))
 
 
 def same(a, b) -> bool:

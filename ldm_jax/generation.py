@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import samplers, sd_schedulers
 from ldm_jax.ldm import LatentDiffusion, to_uint8
 from ldm_jax.runtime import sharding
 
@@ -30,7 +30,7 @@ class Program(NamedTuple):
     task: str  # "text" | "image" | "inpaint"
     batch: int  # padded to the device count
     latent_hw: tuple
-    sampler: str
+    sampler: str | sd_schedulers.Scheduler  # a sampler's name, or a diffusers scheduler run exactly
     num_steps: int
     start_step: int  # SDEdit: steps skipped (num_steps: nothing left to denoise)
     record_every: int  # intermediates every k steps (0: none)
@@ -38,6 +38,7 @@ class Program(NamedTuple):
     progress: bool
     spacing: str = "leading"
     steps_offset: int = 0
+    mask_downsampling: str = "max"  # "max": a latent cell is repainted if any pixel is; "nearest": diffusers'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +134,16 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
     batch_sharding = sharding.batch_sharding(mesh)
     shape = (program.batch, *program.latent_hw, model.codec.latent_channels)
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(inputs["keys"])
-    noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
-    x = inputs.get("latents", noise)
-    if model.continuous:  # x_T ~ N(0, prior_std^2), as diffusers' init_noise_sigma (EDM: sqrt(sigma_max^2 + 1))
+    # The noise: drawn from each image's key, or the given latents (for every task, as diffusers'
+    # inpainting takes them: the start and the noise the known region is blended with).
+    noise = inputs["latents"] if "latents" in inputs else jax.vmap(
+        lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
+    x = noise
+    scheduler = program.sampler if isinstance(program.sampler, sd_schedulers.Scheduler) else None
+    if scheduler is not None:  # diffusers' prepare_latents: x_T * init_noise_sigma
+        plan = sd_schedulers.plan(scheduler, program.num_steps, min(program.start_step, program.num_steps - 1))
+        x = sd_schedulers.start_state(plan, x)
+    elif model.continuous:  # x_T ~ N(0, prior_std^2), as diffusers' init_noise_sigma (EDM: sqrt(sigma_max^2 + 1))
         x = x * model.process_of(params).prior_std
 
     z0 = extra = blend = None
@@ -144,7 +152,10 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
     if program.task == "inpaint":
         f = model.codec.downsampling_factor
         m = inputs["masks"]  # [B, H, W, 1], 1 = repaint
-        m_lat = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), "VALID")
+        if program.mask_downsampling == "nearest":  # torch's interpolate(mode="nearest"): each cell's first pixel
+            m_lat = m[:, ::f, ::f, :]
+        else:
+            m_lat = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), "VALID")
         if is_inpainting_model(model):
             extra = jnp.concatenate([m_lat, model.encode(params, inputs["images"] * (1.0 - m))], axis=-1)
         else:
@@ -155,7 +166,9 @@ def run_program(model: LatentDiffusion, params, inputs, *, program: Program, mes
                 blend["scale"] = jnp.sqrt(jnp.square(alpha) + jnp.square(sigma))
     start, visited = program.start_step, program.num_steps - program.start_step
     if program.task == "image" or start:  # img2img always starts from the noised image
-        if model.continuous:
+        if scheduler is not None:
+            x = sd_schedulers.start_state(plan, noise, z0) if visited else z0
+        elif model.continuous:
             x = model.noised(params, z0, noise, program.num_steps, start)
         else:
             abar = samplers.alpha_bar_at(model.schedule, program.sampler, program.num_steps, start,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ldm_jax.diffusion import gaussian, samplers, schedules
+from ldm_jax.diffusion import gaussian, samplers, schedules, sd_schedulers
 from ldm_jax.generation import OUTPUT_TYPES, RELAY as _RELAY, Program, images_in, is_inpainting_model, masks_in, \
     run_program  # noqa: F401 (_RELAY: the progress relay, read by tests)
 from ldm_jax.ldm import LatentDiffusion, make_conditioning
@@ -79,6 +79,8 @@ class LatentDiffusionPipeline:
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.params = jax.device_put(dict(params, scale=np.float32(params["scale"])), sharding.replicated(self.mesh))
         self.scale_factor = float(params["scale"])
+        self.scheduler = None  # a diffusers scheduler (sd_schedulers.Scheduler), run by sampler="scheduler"
+        self.mask_downsampling = "max"  # latent mask: repaint a cell if any of its pixels is ("nearest": diffusers')
         self._set_schedule(schedule)
 
     def _set_schedule(self, schedule: dict) -> None:
@@ -133,23 +135,34 @@ class LatentDiffusionPipeline:
         c = hf.load_diffusers_dir(path, variant=variant, dtype=dtype)
         params = {"unet": c.unet_params, "text_encoder": c.text_encoder_params, "autoencoder": c.vae_params,
                   "scale": c.vae.scaling_factor}
-        sampler = SCHEDULER_SAMPLERS.get((c.scheduler_config or {}).get("_class_name"), "ddim")
-        return cls(unet=c.unet, autoencoder=c.vae, params=params, schedule=c.schedule, text_encoder=c.text_encoder,
-                   tokenizer=c.tokenizer, defaults=SamplerDefaults(sampler=sampler), mesh=mesh, progress=progress,
+        try:
+            scheduler = sd_schedulers.Scheduler.from_config(c.scheduler_config)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(path, 'scheduler', 'scheduler_config.json')}: {e}") from None
+        pipe = cls(unet=c.unet, autoencoder=c.vae, params=params, schedule=c.schedule, text_encoder=c.text_encoder,
+                   tokenizer=c.tokenizer, defaults=SamplerDefaults(sampler="scheduler"), mesh=mesh, progress=progress,
                    info=dict(kind="diffusers", path=path, variant=c.variant, ignored=dict(c.ignored)))
+        pipe.scheduler = scheduler
+        pipe.mask_downsampling = "nearest"  # diffusers' prepare_mask_latents (interpolate, mode "nearest")
+        return pipe
 
-    def with_scheduler(self, scheduler_config) -> "LatentDiffusionPipeline":
-        """The same weights with the schedule, spacing and default sampler of a diffusers scheduler
-        config (a dict as in scheduler_config.json, or a diffusers scheduler object)."""
+    def with_scheduler(self, scheduler_config, **overrides) -> "LatentDiffusionPipeline":
+        """The same weights sampled by a diffusers scheduler, exactly as diffusers runs it: a config
+        (a dict as in scheduler_config.json, naming its `_class_name`) or a diffusers scheduler
+        object, with `overrides` as `from_config(config, **overrides)` takes them. The default
+        sampler becomes "scheduler" (`sd_schedulers`); the schedule (betas, prediction) follows
+        the config. Unknown classes and unsupported keys are errors naming them."""
         from ldm_jax.interop import diffusers as hf
 
         self._check_discrete("with_scheduler")
         if hasattr(scheduler_config, "config"):  # a scheduler object: its config, and its class
             scheduler_config = {**scheduler_config.config, "_class_name": type(scheduler_config).__name__}
+        config = {**dict(scheduler_config), **overrides}
+        scheduler = sd_schedulers.Scheduler.from_config(config)
         other = copy.copy(self)
-        other.defaults = self.defaults._replace(
-            sampler=SCHEDULER_SAMPLERS.get(scheduler_config.get("_class_name"), self.defaults.sampler))
-        other._set_schedule(hf.schedule_from_scheduler_config(dict(scheduler_config)))
+        other.defaults = self.defaults._replace(sampler="scheduler")
+        other._set_schedule(hf.schedule_from_scheduler_config(scheduler.schedule_config()))
+        other.scheduler = scheduler
         return other
 
     def with_spacing(self, spacing: str) -> "LatentDiffusionPipeline":
@@ -295,8 +308,13 @@ class LatentDiffusionPipeline:
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
         guidance_rescale = d.guidance_rescale if guidance_rescale is None else guidance_rescale
         eta = d.eta if eta is None else eta
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(samplers.SAMPLERS)}")
+        if sampler == "scheduler":
+            if self.scheduler is None:
+                raise ValueError("sampler 'scheduler' runs a diffusers scheduler: load a diffusers folder or call "
+                                 f"with_scheduler(config) first; or name one of {', '.join(samplers.SAMPLERS)}")
+        elif sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(samplers.SAMPLERS)}, scheduler "
+                             "(a diffusers folder's own scheduler)")
         T = self.model.schedule.num_timesteps
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
             raise ValueError(f"steps must be an integer in [1, {T}], got {num_steps!r}")
@@ -358,9 +376,10 @@ class LatentDiffusionPipeline:
         arrays = {k: jax.device_put(v, batch_sharding) for k, v in inputs.items()}
         arrays.update(jax.device_put({"guidance": np.float32(guidance_scale), "rescale": np.float32(guidance_rescale),
                                       "eta": np.float32(eta)}, sharding.replicated(self.mesh)))
-        program = Program(task, padded, latent_shape[1:3], sampler, int(num_steps), int(start_step), int(record),
-                          output_type, bool(self.progress and visited), spacing=self.schedule["spacing"],
-                          steps_offset=int(self.schedule["steps_offset"]))
+        program = Program(task, padded, latent_shape[1:3], self.scheduler if sampler == "scheduler" else sampler,
+                          int(num_steps), int(start_step), int(record), output_type, bool(self.progress and visited),
+                          spacing=self.schedule["spacing"], steps_offset=int(self.schedule["steps_offset"]),
+                          mask_downsampling=self.mask_downsampling)
         _RELAY.done = 0
         if program.progress:
             _RELAY.bar = tqdm.tqdm(total=visited, desc=f"{sampler} {visited} steps", leave=False, dynamic_ncols=True)

@@ -177,54 +177,7 @@ def test_a_batch_of_keys_makes_each_example_independent_of_the_batch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with diffusers' StableDiffusionPipeline
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    pipe = tiny_sd_pipeline()
-    path = tmp_path_factory.mktemp("sd_tiny")
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    return pipe, str(path), LatentDiffusionPipeline.from_diffusers_dir(str(path))
-
-
-def _diffusers_schedulers():
-    import diffusers
-
-    betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return {
-        "ddim": diffusers.DDIMScheduler(**betas, set_alpha_to_one=True, steps_offset=1, clip_sample=False),
-        "dpm_solver++": diffusers.DPMSolverMultistepScheduler(**betas, algorithm_type="dpmsolver++", solver_order=2,
-                                                              timestep_spacing="trailing", final_sigmas_type="zero"),
-        "euler": diffusers.EulerDiscreteScheduler(**betas, timestep_spacing="leading", steps_offset=1),
-    }
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver++", "euler"])
-def test_text_to_image_matches_diffusers(sd, sampler):
-    import torch
-
-    ref_pipe, _, ours = sd
-    scheduler = _diffusers_schedulers()[sampler]
-    ours = ours.with_scheduler(scheduler)
-    assert ours.defaults.sampler == sampler
-    ref_pipe.scheduler = scheduler
-    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 4)))
-    rescales = (0.0, 0.7) if sampler == "ddim" else (0.0,)
-    for rescale in rescales:
-        got = ours.text_to_image(PROMPTS, num_steps=8, guidance_scale=4.0, guidance_rescale=rescale, latents=latents,
-                                 output_type="float")
-        with torch.no_grad():
-            ref = ref_pipe(PROMPTS, num_inference_steps=8, guidance_scale=4.0, guidance_rescale=rescale,
-                           latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np").images
-        err = np.abs(got - ref).max()
-        print(f"\ntext_to_image vs diffusers, {sampler}, guidance 4.0, rescale {rescale}: "
-              f"max |ours - diffusers| = {err:.2e} (images in [0, 1]; mean {np.abs(got - ref).mean():.1e})")
-        assert got.shape == ref.shape == (2, 16, 16, 3)
-        assert ref.std() > 0.05  # not a constant image that would match anything
-        assert err < 1e-4
-    assert ours.trace_count == 1  # guidance_rescale is traced
+# Stable Diffusion folders (parity with diffusers' pipelines: tests/test_sd_pipeline_parity.py)
 
 
 def test_inpainting_unet_sees_only_the_unmasked_image(tmp_path):

@@ -696,6 +696,13 @@ def sample(model_fn, s: Scheduler, shape, rng, num_steps: int, *, eta=0.0, x_T=N
                  draw=is_stochastic(s, 1.0))
 
 
+def step_noise(rng, shape, num_evaluations: int):
+    """The noise `sample` draws for its evaluations when none is given: [K, *shape], from the
+    second half of `_split(rng, 2)` (one key, or one per example: then each example's noise
+    depends on its own key only)."""
+    return jax.vmap(lambda key: _normal(key, shape))(_split(rng, num_evaluations))
+
+
 @jax.jit(static_argnames=("scheduler", "shape", "record_every", "draw"))
 def _loop(model_fn, tables, rng, eta, x_T, after_step, noise, init_sigma, *, scheduler, shape, record_every, draw):
     init_key, loop_key = _split(rng, 2)
@@ -705,7 +712,7 @@ def _loop(model_fn, tables, rng, eta, x_T, after_step, noise, init_sigma, *, sch
     if noise is not None:
         xs["noise"] = noise.astype(jnp.float32)
     elif draw:
-        xs["key"] = _split(loop_key, K)
+        xs["noise"] = step_noise(loop_key, shape, K)
     xs["k"] = jnp.arange(K)
     batch = shape[0]
     record = None
@@ -717,12 +724,7 @@ def _loop(model_fn, tables, rng, eta, x_T, after_step, noise, init_sigma, *, sch
         carry, record = state
         x = carry["x"]
         out = model_fn(inp["c_in"] * x, jnp.broadcast_to(inp["t"], (batch,))).astype(jnp.float32)
-        if "noise" in inp:
-            z = inp["noise"]
-        elif "key" in inp:
-            z = _normal(inp["key"], shape)
-        else:
-            z = jnp.zeros(shape, jnp.float32)
+        z = inp["noise"] if "noise" in inp else jnp.zeros(shape, jnp.float32)
         new = _step(scheduler, eta, carry, out, inp, z)
         x0 = new.pop("x0")
         carry = dict(carry, **new)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from ldm_jax import config as config_lib
-from ldm_jax.diffusion import gaussian, likelihood, losses, processes, samplers, schedules
+from ldm_jax.diffusion import gaussian, likelihood, losses, processes, samplers, schedules, sd_schedulers
 from ldm_jax.ldm.codecs import Codec, make_codec, to_uint8
 from ldm_jax.ldm.conditioning import Conditioning, TextConditioning, conditioning_from_config
 from ldm_jax.models.unet import UNet
@@ -252,9 +252,15 @@ class LatentDiffusion:
         """Scaled latents z_0 [B, h, w, c] from `samplers.sample` with the guided model. `rng`: one
         key for the batch, or one per example ([B, 2]); `shape` defaults to the batch of cond at
         `image_size`. Other keyword arguments (spacing, steps_offset, x_T, start_step, after_step,
-        return_trajectory) go to `samplers.sample`."""
+        return_trajectory) go to `samplers.sample`. `sampler` may be a diffusers scheduler
+        (`sd_schedulers.Scheduler`): its loop then runs exactly as diffusers runs it, x_T in its
+        space (`sd_schedulers.start_state`), the prediction type the scheduler's."""
         shape = shape or (cond.shape[0], *self.latent_shape)
         model = self.guided_model(params, cond, uncond, guidance, rescale, extra)
+        if isinstance(sampler, sd_schedulers.Scheduler):
+            for key in ("spacing", "steps_offset"):
+                kwargs.pop(key, None)  # the scheduler's own
+            return sd_schedulers.sample(model, sampler, shape, rng, num_steps, eta=eta, **kwargs)
         if self.continuous:
             kwargs.pop("spacing", None)  # discrete timesteps only; a process has its own grid
             return samplers.sample(model, self.process_of(params), shape, rng, sampler=sampler, num_steps=num_steps,

@@ -1,5 +1,6 @@
-"""notebooks/stable_diffusion.ipynb, top to bottom, on a tiny random Stable Diffusion folder (the one
-tests/test_pipeline.py's parity tests save: 16 x 16 images, 8 x 8 x 4 latents) with 4 steps.
+"""notebooks/stable_diffusion.ipynb, top to bottom, on a tiny random Stable Diffusion folder with SD
+1.5's real layout and configs (tests/sd_folders.py: its PNDM scheduler; 16 x 16 images, 8 x 8 x 4
+latents) with 4 steps.
 
 Random weights make no pictures worth looking at, so the checks are on what can fail: every task
 runs, each image's printed statistics are finite and not constant, seeds, samplers and guidance
@@ -14,14 +15,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from tests.notebooks.execute import image_outputs, outputs_text, run_notebook  # noqa: E402
-from tests.test_pipeline import tiny_sd_pipeline  # noqa: E402
+from tests.sd_folders import make_sd_folder  # noqa: E402
 
 STEPS = 4
 # Each sampler, image-to-image strength and task is a compiled program of ~10 s CPU: the test runs
-# three (ddim, which serves the first grid, the sampler comparison and the guidance strip; image ->
-# image; inpainting). The samplers are tested in tests/diffusion and tests/test_pipeline.py, and
-# against the oracle in test_diffusion_math.py.
-SAMPLERS_COMPARED = ("ddim",)
+# three (the folder's scheduler, which serves the first grid, the sampler comparison and the
+# guidance strip; image -> image; inpainting). The samplers and schedulers are tested in
+# tests/diffusion and tests/test_sd_pipeline_parity.py, and against the oracle in test_diffusion_math.py.
+SAMPLERS_COMPARED = ("scheduler",)
 GUIDANCE_SCALES = (1.0, 7.5)  # one compiled program serves the whole strip: two points show it
 STRENGTHS = (0.5,)
 # "label: mean 0.123  std 0.045  finite True", as the notebook's `summary` prints them (the label
@@ -31,8 +32,7 @@ STATS = re.compile(r"\s*([^<>\n]+?): mean (\S+)  std (\S+)  finite (True|False)"
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd_tiny")
-    tiny_sd_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    folder = make_sd_folder(tmp_path_factory.mktemp("sd_tiny") / "sd15", "sd15")
     nb = run_notebook("stable_diffusion.ipynb",
                       {"MODEL_PATH": str(folder), "SMALL": True, "STEPS": STEPS, "SAMPLERS_COMPARED": SAMPLERS_COMPARED,
                        "GUIDANCE_SCALES": GUIDANCE_SCALES, "IMG2IMG_STRENGTHS": STRENGTHS},
@@ -64,13 +64,13 @@ def test_every_image_is_finite_and_not_constant(executed):
 def test_seeds_samplers_and_guidance_act_as_documented(executed):
     _, text = executed
     stats = {label: (float(mean), float(std)) for label, mean, std, _ in STATS.findall(text)}
-    # Same prompt and seed: ddim (the folder's default sampler), the guidance strip at 7.5 (the
+    # Same prompt and seed: the folder's scheduler (the default sampler), the guidance strip at 7.5 (the
     # default scale) and the first grid's seed-0 image (image i depends on seed i alone) are one
     # computation; guidance 1 is another image.
-    assert stats["ddim"] == stats["guidance 7.5"] == stats["seed 0"]
+    assert stats["scheduler"] == stats["guidance 7.5"] == stats["seed 0"]
     assert stats["guidance 1"] != stats["guidance 7.5"]
-    differences = dict(re.findall(r"([^<>\s]+): mean .*\|Δ ddim\| (\S+)", text))
-    assert differences == {"ddim": "0.000"}
+    differences = dict(re.findall(r"([^<>\s]+): mean .*\|Δ scheduler\| (\S+)", text))
+    assert differences == {"scheduler": "0.000"}
 
 
 @pytest.mark.slow
@@ -81,4 +81,4 @@ def test_each_section_draws_its_figure_and_nothing_is_downloaded(executed):
     assert image_outputs(nb) == 5  # and text -> image, image -> image, inpainting
     assert "DOWNLOAD_FROM_HUB is False" in text
     assert f"images 16 x 16, {STEPS} steps, 2 seeds in the first grid" in text  # SMALL: at most 2 images
-    assert "default sampler 'ddim'" in text  # the folder's DDIMScheduler
+    assert "default sampler 'scheduler'" in text  # the folder's own PNDMScheduler, run exactly

@@ -29,6 +29,8 @@ def define_flags() -> None:
     alongside other CLIs' flags)."""
     flags.DEFINE_string("workdir", None, "a training run to sample from (python -m ldm_jax.train's --workdir)")
     flags.DEFINE_string("pretrained", None, "a local diffusers-format Stable Diffusion folder, instead of --workdir")
+    flags.DEFINE_string("variant", None, "--pretrained's weights variant, e.g. fp16 for *.fp16.safetensors (default: "
+                        "the plain files, or the folder's only variant)")
     flags.DEFINE_integer("checkpoint_step", None, "the run's checkpoint step to load (default: the latest)")
     flags.DEFINE_bool("ema", True, "use the run's EMA parameters (--noema: the raw ones)")
     flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
@@ -36,7 +38,8 @@ def define_flags() -> None:
     flags.DEFINE_multi_integer("label", [], "a class label (repeatable), for class-conditional runs")
     flags.DEFINE_string("negative_prompt", None, "the negative prompt for classifier-free guidance (default: empty)")
     flags.DEFINE_integer("num_images", 1, "images per prompt")
-    flags.DEFINE_string("sampler", None, "ddpm | ddim | plms | dpm_solver++ | euler | heun (default: the model's)")
+    flags.DEFINE_string("sampler", None, "ddpm | ddim | plms | dpm_solver++ | euler | heun | edm | unipc, or scheduler "
+                        "(a --pretrained folder's own diffusers scheduler; its default)")
     flags.DEFINE_integer("steps", None, "sampler steps (default: the model's)")
     flags.DEFINE_float("guidance", None, "classifier-free guidance scale, >= 0 (1: none; default: the model's)")
     flags.DEFINE_float("guidance_rescale", None, "guidance rescale phi in [0, 1] (Lin et al. 2023)")
@@ -63,6 +66,9 @@ def main(argv):
     try:
         if len(argv) > 1:
             raise SampleError(f"unexpected arguments: {' '.join(argv[1:])} (every input is a flag, e.g. --prompt)")
+        from ldm_jax.runtime.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache()  # as train and evaluate: a second run with the same shapes does not recompile
         paths = generate(args)
     except SampleError as e:
         print(f"ldm_jax.sample: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -26,6 +26,7 @@ class SampleArgs:
     out: str
     workdir: str | None = None
     pretrained: str | None = None
+    variant: str | None = None
     checkpoint_step: int | None = None
     ema: bool = True
     prompt: list = dataclasses.field(default_factory=list)
@@ -75,10 +76,16 @@ def _check_flags(args: SampleArgs) -> None:
 
     if bool(args.workdir) == bool(args.pretrained):
         raise SampleError("give exactly one of --workdir (a training run) and --pretrained (a diffusers folder)")
+    if args.variant and not args.pretrained:
+        raise SampleError("--variant names the weights files of a --pretrained folder (e.g. fp16)")
     if not args.out:
         raise SampleError("--out (the output folder) is required")
-    if args.sampler is not None and args.sampler not in samplers.SAMPLERS:
-        raise SampleError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(samplers.SAMPLERS)}")
+    if args.sampler == "scheduler" and not args.pretrained:  # what a --pretrained folder's sidecars say
+        raise SampleError("--sampler scheduler runs a --pretrained folder's own diffusers scheduler; a --workdir "
+                          f"run takes one of {', '.join(samplers.SAMPLERS)}")
+    if args.sampler not in (None, "scheduler", *samplers.SAMPLERS):
+        raise SampleError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(samplers.SAMPLERS)}, or "
+                          "scheduler (a --pretrained folder's own)")
     if args.steps is not None and args.steps < 1:
         raise SampleError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 0:
@@ -149,7 +156,7 @@ def load_pipeline(args: SampleArgs):
                 step = steps[-1] if steps else None
             pipe = _load(("workdir", os.path.abspath(args.workdir), step, bool(args.ema)))
         else:
-            pipe = _load(("pretrained", os.path.abspath(args.pretrained), None, True))
+            pipe = _load(("pretrained", os.path.abspath(args.pretrained), args.variant, True))
         if args.lora:  # merged into a copy: the cached pipeline stays the base model
             pipe = pipe.with_lora(args.lora, args.lora_scale)
     except (FileNotFoundError, ValueError) as e:
@@ -162,10 +169,10 @@ def load_pipeline(args: SampleArgs):
 def _load(key):
     from ldm_jax.pipeline import LatentDiffusionPipeline
 
-    kind, path, step, ema = key
+    kind, path, step_or_variant, ema = key
     if kind == "workdir":
-        return LatentDiffusionPipeline.from_workdir(path, step=step, ema=ema)
-    return LatentDiffusionPipeline.from_diffusers_dir(path)
+        return LatentDiffusionPipeline.from_workdir(path, step=step_or_variant, ema=ema)
+    return LatentDiffusionPipeline.from_diffusers_dir(path, variant=step_or_variant)
 
 
 def _reproduce_command(args: SampleArgs, cond, seed: int, pipe, settings: dict) -> list[str]:
@@ -176,6 +183,7 @@ def _reproduce_command(args: SampleArgs, cond, seed: int, pipe, settings: dict) 
         cmd += [] if args.ema else ["--noema"]
     else:
         cmd += ["--pretrained", pipe.info["path"]]
+        cmd += ["--variant", pipe.info["variant"]] if pipe.info.get("variant") else []
     cmd += ["--label", str(cond)] if isinstance(cond, int) else ["--prompt", cond]
     if args.negative_prompt is not None:
         cmd += ["--negative_prompt", args.negative_prompt]
@@ -274,7 +282,7 @@ def args_from_sidecar(sidecar: dict, out: str) -> SampleArgs:
     """The arguments that regenerate the image a sidecar describes, alone, into `out`."""
     model = sidecar["model"]
     return SampleArgs(
-        out=out, workdir=model.get("workdir"), pretrained=model.get("pretrained"),
+        out=out, workdir=model.get("workdir"), pretrained=model.get("pretrained"), variant=model.get("variant"),
         checkpoint_step=model.get("checkpoint_step"), ema=model.get("ema", True),
         prompt=[sidecar["prompt"]] if "prompt" in sidecar else [],
         label=[sidecar["label"]] if "label" in sidecar else [],

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from ldm_jax import sample
+from ldm_jax import sample, sample_job
 from ldm_jax.sample import SampleArgs, SampleError
 from tests.test_pipeline import blob_images, make_workdir, workdir_config
 from tests.training.tiny import ROOT
@@ -106,6 +106,8 @@ def test_one_line_errors(run, tmp_path):
     assert "prompt list is empty" in _error(out=out, workdir=run, prompt=[])
     assert "prompt list is empty" in _error(out=out, workdir=run, prompt=[], prompts_file=str(blank))
     assert "exactly one of --workdir" in _error(out=out)
+    assert "--variant names the weights files of a --pretrained folder" in _error(out=out, workdir=run, variant="fp16")
+    assert "--sampler scheduler runs a --pretrained folder's own" in _error(out=out, workdir=run, sampler="scheduler")
     assert not os.path.exists(out)
 
 
@@ -117,3 +119,65 @@ def test_the_command_prints_one_line_and_exits_1(tmp_path):
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ldm_jax.sample:")]
     assert lines == [f"ldm_jax.sample: error: workdir {tmp_path / 'missing'} does not exist"], proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# --pretrained: tiny random Stable Diffusion folders with the real layouts (tests/sd_folders.py)
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tests import sd_folders
+
+    root = tmp_path_factory.mktemp("sd")
+    return {"sd15_fp16": sd_folders.make_sd_folder(root / "sd15", "sd15", variant="fp16"),
+            "inpaint": sd_folders.make_sd_folder(root / "inpaint", "sd_inpaint", shard=True, extras="present")}
+
+
+def test_pretrained_fp16_folder_from_the_command_line(sd_dirs, tmp_path):
+    folder, out = str(sd_dirs["sd15_fp16"]), tmp_path / "cli"
+    cmd = [sys.executable, "-m", "ldm_jax.sample", "--pretrained", folder, "--prompt", PROMPTS[0],
+           "--steps", "2", "--seed", "3", "--noprogress", "--out", str(out)]
+    # The command shares the session's compilation cache (LDM_JAX_COMPILATION_CACHE, from conftest) and
+    # the tests' matmul precision, so the regeneration below reuses the program it compiled.
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["0000.json", "0000.png", "grid.png"]
+    image = _png(out / "0000.png")
+    assert image.shape == (16, 16, 3) and image.std() > 0
+    with open(out / "0000.json") as f:
+        sidecar = json.load(f)
+    # The folder holds only *.fp16.safetensors: read without --variant, and the sidecar says so.
+    assert sidecar["model"] == {"pretrained": folder, "variant": "fp16",
+                                "ignored": {"safety_checker": "StableDiffusionSafetyChecker",
+                                            "feature_extractor": "CLIPImageProcessor"}}
+    assert sidecar["command"][3:7] == ["--pretrained", folder, "--variant", "fp16"]
+    assert sidecar["task"] == "text" and sidecar["steps"] == 2 and (sidecar["height"], sidecar["width"]) == (16, 16)
+    # In this process, from the sidecar alone: the same pixels.
+    again = sample.generate(sample.args_from_sidecar(sidecar, str(tmp_path / "again")))
+    np.testing.assert_array_equal(_png(again[0]), image)
+
+
+def test_pretrained_inpainting_folder(sd_dirs, tmp_path):
+    rng = np.random.default_rng(0)
+    image_path, mask_path = str(tmp_path / "in.png"), str(tmp_path / "mask.png")
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 8:16] = 255
+    PIL.Image.fromarray(image).save(image_path)
+    PIL.Image.fromarray(mask).save(mask_path)
+    args = SampleArgs(out=str(tmp_path / "out"), pretrained=str(sd_dirs["inpaint"]), prompt=PROMPTS[1:],
+                      init_image=image_path, mask=mask_path, steps=2, seed=4, progress=False)
+    (path,) = sample.generate(args)
+    with open(path[:-4] + ".json") as f:
+        sidecar = json.load(f)
+    assert sidecar["task"] == "inpaint" and sidecar["strength"] == 1.0 and sidecar["mask"] == mask_path
+    assert sidecar["model"]["variant"] is None and "safety_checker" in sidecar["model"]["ignored"]
+    # The command ran the 9-channel inpainting UNet on the files' image and mask, as the library does.
+    pipe = sample_job.load_pipeline(args)
+    assert pipe.is_inpainting_model
+    ref = pipe.inpaint(image[None], mask[None], PROMPTS[1:], strength=1.0, num_steps=2, sampler=sidecar["sampler"],
+                       guidance_scale=sidecar["guidance"], eta=sidecar["eta"], seed=[4])
+    np.testing.assert_array_equal(_png(path), ref[0])

@@ -189,3 +189,12 @@ def test_variant_errors(folders, tmp_path):
                                                 r"weights, and the folder has the variants ema, fp16; pass variant="):
         hf.load_diffusers_dir(bad)
     assert hf.load_diffusers_dir(bad, variant="fp16").variant == "fp16"
+
+
+def test_the_factory_is_deterministic(folders, tmp_path):
+    sd_folders._built.cache_clear()  # rebuild the torch modules from scratch
+    again = sd_folders.make_sd_folder(tmp_path / "again", "sd15", variant="fp16")
+    files = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(folders["fp16"]) for p in folders["fp16"].rglob("*") if p.is_file())
+    for f in files:
+        assert (again / f).read_bytes() == (folders["fp16"] / f).read_bytes(), f

@@ -19,7 +19,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ldm_jax.diffusion import noise as noise_lib, sd_schedulers  # noqa: E402
+from ldm_jax import pipeline as pipeline_module  # noqa: E402
 from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_jax.runtime import xla_options  # noqa: E402
+from tests.training.tiny import CHEAP_COMPILE  # noqa: E402
 from tests.sd_folders import sd_folder_and_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
@@ -31,13 +34,18 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """kind -> (our pipeline, diffusers' pipeline) for sd15, sd21 and sd_inpaint."""
-    out = {}
-    for kind in ("sd15", "sd21", "sd_inpaint"):
-        path, ref = sd_folder_and_pipeline(tmp_path_factory.mktemp(kind) / kind, kind)
-        ref.set_progress_bar_config(disable=True)
-        out[kind] = (LatentDiffusionPipeline.from_diffusers_dir(str(path)), ref)
-    return out
+    """kind -> (our pipeline, diffusers' pipeline) for sd15, sd21 and sd_inpaint. While this
+    module runs, the pipelines compile with XLA:CPU's cheapest settings (tests/training/tiny.py's
+    CHEAP_COMPILE): the same arithmetic, compiled in a fraction of the time."""
+    with pytest.MonkeyPatch.context() as mp:
+        options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
+        mp.setattr(pipeline_module, "compiler_options", lambda: dict(options))
+        out = {}
+        for kind in ("sd15", "sd21", "sd_inpaint"):
+            path, ref = sd_folder_and_pipeline(tmp_path_factory.mktemp(kind) / kind, kind)
+            ref.set_progress_bar_config(disable=True)
+            out[kind] = (LatentDiffusionPipeline.from_diffusers_dir(str(path)), ref)
+        yield out
 
 
 def _nchw(x):

@@ -104,4 +104,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = dict(splits=("test", "heldout"), num_samples=256)
     c.mesh = dict(data=-1, fsdp=1, shard_params=False)
+
+    # LoRA fine-tuning (Hu et al. 2021; configs/sd15_lora.py): with enabled=True the UNet is not
+    # trained; `base`'s is, frozen, with low-rank adapters (rank, alpha: scale alpha / rank) on the
+    # layers peft's target_modules would pick (diffusers' names), and on the frozen pretrained text
+    # encoder's when text_encoder=True. Only the adapters train, carry optimiser state and EMA, and
+    # are checkpointed; the run's end writes them as diffusers' pytorch_lora_weights.safetensors.
+    c.lora = dict(
+        enabled=False, base=None,  # base: "diffusers:<path>", the folder whose UNet the adapters adapt
+        rank=4, alpha=4.0, dropout=0.0, init="kaiming",  # init: "kaiming" (peft's default) | "gaussian"
+        unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+        text_encoder=False, text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    )
     return c

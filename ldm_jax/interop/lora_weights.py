@@ -54,7 +54,7 @@ def module_names(params: Mapping) -> dict[str, lora.Path]:
     Dense, or a 1x1 convolution) in one network's params."""
     out = {}
     for path, leaf in flatten(params).items():
-        shape = np.shape(leaf)
+        shape = tuple(leaf.shape)  # arrays or jax.ShapeDtypeStruct
         if path[-1] == "kernel" and (len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1))):
             out[torch_key(path)[: -len(".weight")]] = path[:-1]
     return out
@@ -82,10 +82,13 @@ def target_paths(params: Mapping, targets: Iterable[str]) -> list[lora.Path]:
 # Writing
 
 
-def lora_state_dict(adapters: Mapping[str, Mapping], alpha: float | None = None) -> tuple[dict, dict]:
+def lora_state_dict(adapters: Mapping[str, Mapping], alpha: float | None = None,
+                    params: Mapping[str, Mapping] | None = None) -> tuple[dict, dict]:
     """(state dict {peft key: float32 numpy, torch layout}, the metadata dict diffusers stores) of
     `adapters` ({"unet": tree, "text_encoder": tree}). `alpha`: the scale numerator of every layer
-    (scale = alpha / r); None writes alpha = r (scale 1)."""
+    (scale = alpha / r); None writes alpha = r (scale 1). `params` (the networks' parameters or
+    shapes) is needed when a 1x1 convolution is adapted: peft's conv adapters are convolutions
+    ([r, in, 1, 1], [out, r, 1, 1]); without it, a layer that is not a Dense is refused."""
     state, meta = {}, {}
     for network, tree in adapters.items():
         if network not in PREFIXES:
@@ -97,8 +100,11 @@ def lora_state_dict(adapters: Mapping[str, Mapping], alpha: float | None = None)
         for path, ab in sorted(items.items()):
             name = torch_key(path + ("kernel",))[: -len(".weight")]
             a, b = np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32)
-            state[f"{PREFIXES[network]}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)  # [r, in]
-            state[f"{PREFIXES[network]}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)  # [out, r]
+            a_t, b_t = a.T, b.T  # [r, in], [out, r] as torch.nn.Linear weights
+            if _is_conv(params, network, path, name):
+                a_t, b_t = a_t[:, :, None, None], b_t[:, :, None, None]
+            state[f"{PREFIXES[network]}{name}.lora_A.weight"] = np.ascontiguousarray(a_t)
+            state[f"{PREFIXES[network]}{name}.lora_B.weight"] = np.ascontiguousarray(b_t)
             names.append(name)
             ranks[name] = a.shape[1]
         r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -116,15 +122,29 @@ def lora_state_dict(adapters: Mapping[str, Mapping], alpha: float | None = None)
     return state, meta
 
 
-def save_lora_weights(path, adapters: Mapping[str, Mapping], alpha: float | None = None) -> pathlib.Path:
+def _is_conv(params, network: str, path, name: str) -> bool:
+    if params is None:  # names alone: the adapted layers diffusers' and our defaults target are Dense
+        if name.rsplit(".", 1)[-1] in ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"):
+            raise ValueError(f"adapter {network}:{name} may be a convolution: give the networks' params to "
+                             "write it (peft stores convolutions' adapters as 1x1 convolutions)")
+        return False
+    node = params[network]
+    for p in path:
+        node = node[p]
+    return len(tuple(node["kernel"].shape)) == 4
+
+
+def save_lora_weights(path, adapters: Mapping[str, Mapping], alpha: float | None = None,
+                      params: Mapping[str, Mapping] | None = None) -> pathlib.Path:
     """Write `adapters` as diffusers' LoRA file: `path` is a folder (which gets
     pytorch_lora_weights.safetensors, as save_lora_weights(dir) does) or a .safetensors file name.
-    Returns the file written. Loads with ``StableDiffusionPipeline.load_lora_weights(folder)``."""
+    Returns the file written. Loads with ``StableDiffusionPipeline.load_lora_weights(folder)``.
+    `params`: as `lora_state_dict`."""
     from safetensors.numpy import save_file
 
     path = pathlib.Path(path).expanduser()
     file = path if path.suffix == ".safetensors" else path / WEIGHT_NAME
-    state, meta = lora_state_dict(adapters, alpha)
+    state, meta = lora_state_dict(adapters, alpha, params)
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(file), metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
     return file
@@ -277,7 +297,7 @@ def load_lora_weights(path, params: Mapping[str, Mapping]) -> dict[str, dict]:
         (down_key, down), (up_key, up) = parts["down"], parts["up"]
         down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
         path_ = names[network][name]
-        fan_in, fan_out = lora.linear_kernel(params[network], path_).shape
+        fan_in, fan_out = lora.linear_shape(params[network], path_)
         for key, w, want in ((down_key, down, "[r, in]"), (up_key, up, "[out, r]")):
             if w.ndim == 4 and w.shape[2:] == (1, 1):
                 w = w.reshape(w.shape[:2])  # a 1x1 conv's [r, in, 1, 1]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax import config as config_lib
+from ldm_jax.ldm import adapters
 from ldm_jax.ldm.conditioning import TextConditioning
 from ldm_jax.ldm.model import LatentDiffusion
 from ldm_jax.runs.workdir import check_param_shapes, load_workdir_config, restore_stage
@@ -93,13 +94,17 @@ def from_workdir(workdir: str, step: int | None = None, ema: bool = True, mesh=N
     if "scale_factor" not in meta:
         raise ValueError(f"workdir {workdir}: the diffusion checkpoint has no latent scale_factor in its metadata")
     trainable = state["ema_params" if ema else "params"]
-    expected = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    lora = adapters.from_config(config)  # a LoRA run's checkpoints hold its adapters alone
+    init = model.init_params if lora is None else (lambda rng: {"lora": lora.init(model, rng)})
+    expected = jax.eval_shape(init, jax.random.PRNGKey(0))
     check_param_shapes(trainable, expected, f"the diffusion checkpoint of {workdir}")
-    params = {"unet": trainable["unet"], "scale": meta["scale_factor"],
-              "autoencoder": autoencoder_params(config, workdir, mesh)}
+    params = {"unet": trainable["unet"] if lora is None else lora.base_unet_params(model),
+              "scale": meta["scale_factor"], "autoencoder": autoencoder_params(config, workdir, mesh)}
     params.update({k: trainable[k] for k in model.conditioning.param_keys if k in trainable})
     if "process" in trainable:  # a learned schedule (VDM's gamma), trained and averaged with the UNet
         params["process"] = trainable["process"]
     if isinstance(model.conditioning, TextConditioning) and not model.conditioning.trainable:
         params["text_encoder"] = text_encoder_params(config)
+    if lora is not None:  # sampled as a plain model: W + scale A B
+        params = lora.merged(params, trainable["lora"])
     return Loaded(model, params, config, dict(kind="workdir", path=workdir, step=int(state["step"]), ema=bool(ema)))

@@ -70,9 +70,7 @@ def adapter_tree(items: Mapping[Path, dict]) -> dict:
     return tree
 
 
-def linear_kernel(params: Mapping, path: Path):
-    """The kernel of the layer at `path` as [in, out] (a Dense's, or a 1x1 conv's [1, 1, in, out]);
-    ValueError naming the path when there is none or it is not a linear map of the channels."""
+def _layer(params: Mapping, path: Path):
     node = params
     for p in path:
         if not isinstance(node, Mapping) or p not in node:
@@ -81,13 +79,24 @@ def linear_kernel(params: Mapping, path: Path):
     kernel = node.get("kernel") if isinstance(node, Mapping) else None
     if kernel is None:
         raise ValueError(f"{'/'.join(path)} has no kernel: not a Dense or 1x1 convolution")
-    shape = np.shape(kernel)
-    if len(shape) == 4 and shape[:2] == (1, 1):
-        return kernel.reshape(shape[2:])
-    if len(shape) != 2:
+    shape = tuple(kernel.shape)
+    if not (len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1))):
         raise ValueError(f"{'/'.join(path)}: kernel of shape {shape} is not a Dense's or a 1x1 convolution's; "
                          "LoRA adapts linear maps of the channels only")
     return kernel
+
+
+def linear_shape(params: Mapping, path: Path) -> tuple[int, int]:
+    """(in, out) of the layer at `path` (a Dense, or a 1x1 conv); `params` may hold arrays or
+    shapes (`jax.ShapeDtypeStruct`). ValueError naming the path for anything else."""
+    shape = tuple(_layer(params, path).shape)
+    return shape[-2], shape[-1]
+
+
+def linear_kernel(params: Mapping, path: Path):
+    """The kernel of the layer at `path` as [in, out] (a Dense's, or a 1x1 conv's [1, 1, in, out])."""
+    kernel = _layer(params, path)
+    return kernel.reshape(kernel.shape[-2:])
 
 
 def init_adapters(rng, params: Mapping, paths: Iterable[Path], rank: int, init: str = "kaiming") -> dict:
@@ -100,7 +109,7 @@ def init_adapters(rng, params: Mapping, paths: Iterable[Path], rank: int, init: 
         raise ValueError(f"LoRA rank={rank!r} must be a positive integer")
     items = {}
     for i, path in enumerate(sorted(paths)):
-        fan_in, fan_out = linear_kernel(params, path).shape
+        fan_in, fan_out = linear_shape(params, path)
         key = jax.random.fold_in(rng, i)
         if init == "kaiming":
             bound = 1.0 / np.sqrt(fan_in)

@@ -34,7 +34,7 @@ LOCK_FILE = "train.lock"
 PROGRESS_FILE = "progress.json"
 
 # Version 1: config.json as written until 2026-12 (no "config_version" key). Version 2 adds the key.
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 
 
 class Convert:
@@ -66,6 +66,12 @@ MIGRATIONS = {
         "diffusion.process_kwargs": {},
         "diffusion.timestep_kwargs": {},
         "diffusion.preconditioning": "none",
+    },
+    4: {
+        # There was no LoRA: the UNet itself trained.
+        "lora": {"enabled": False, "base": None, "rank": 4, "alpha": 4.0, "dropout": 0.0, "init": "kaiming",
+                 "unet_targets": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": False,
+                 "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
     },
 }
 

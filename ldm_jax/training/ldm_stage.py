@@ -21,6 +21,7 @@ from ldm_jax import optim
 from ldm_jax.data import pipeline
 from ldm_jax.diffusion import losses
 from ldm_jax.ldm import LatentDiffusion, process_from_config, schedule_from_config  # noqa: F401 (schedule_from_config: for callers)
+from ldm_jax.ldm import adapters
 from ldm_jax.ldm.codecs import to_uint8
 from ldm_jax.training import autoencoder_stage
 from ldm_jax.training.state import TrainState, apply_gradients, merge_params, split_params
@@ -52,8 +53,11 @@ def make_timestep_sampler(config):
 
 
 def init_params(config, models: Models, rng) -> dict:
-    """Fresh trainable parameters (`LatentDiffusion.init_params`)."""
-    del config
+    """Fresh trainable parameters (`LatentDiffusion.init_params`); with lora.enabled the adapters
+    alone, {"lora": ...} (the base UNet is frozen: `adapters.LoraSetup.base_unet_params`)."""
+    setup = adapters.from_config(config)
+    if setup is not None:
+        return {"lora": setup.init(models, rng)}
     return models.init_params(rng)
 
 
@@ -121,6 +125,7 @@ def make_train_step(config, models: Models):
     tx = optimizer_from_config(config)
     dropout_p = float(config.conditioning.caption_dropout)
     unet_dropout = models.unet.dropout > 0
+    lora = adapters.from_config(config)  # None: the networks train themselves
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -134,7 +139,8 @@ def make_train_step(config, models: Models):
 
         def objective(trainable):
             params = {**merge_params(trainable, fixed), **frozen}
-            terms = models.loss_terms(params, z0, cond, t, noise, dropout_rng=k_dropout if unet_dropout else None)
+            with adapters.applied(lora, params, rng, train=True):
+                terms = models.loss_terms(params, z0, cond, t, noise, dropout_rng=k_dropout if unet_dropout else None)
             return jnp.mean(terms.loss * weights), terms
 
         (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -151,12 +157,14 @@ def make_sample_fn(config, models: Models):
     and classifier-free guidance (`LatentDiffusion.sample`, one batched UNet call per step); jit
     it once and reuse."""
     s = config.sampler
+    lora = adapters.from_config(config)
 
     def sample(params, frozen, cond, rng):
         params = {**params, **frozen}
-        z = models.sample(params, cond, models.conditioning.null(cond), rng, sampler=s.name,
-                          num_steps=s.num_steps, guidance=s.guidance_scale, rescale=s.guidance_rescale, eta=s.eta,
-                          spacing=s.spacing)
+        with adapters.applied(lora, params):
+            z = models.sample(params, cond, models.conditioning.null(cond), rng, sampler=s.name,
+                              num_steps=s.num_steps, guidance=s.guidance_scale, rescale=s.guidance_rescale, eta=s.eta,
+                              spacing=s.spacing)
         return to_uint8(models.decode(params, z))
 
     return sample

@@ -27,7 +27,7 @@ from ldm_jax import config as config_lib
 from ldm_jax.config import data_config
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import shapes as shapes_checker
-from ldm_jax.ldm import sources
+from ldm_jax.ldm import adapters, sources
 from ldm_jax.runs import run_record
 from ldm_jax.runs.checkpoint import StageCheckpoints, damaged_newest, step_folders
 from ldm_jax.runs.writer import MetricWriter, image_grid, save_png
@@ -37,6 +37,9 @@ from ldm_jax.runtime.xla_options import compiler_options
 from ldm_jax.training import autoencoder_stage, end_of_run, ldm_stage
 
 log = logging.getLogger("ldm_jax.train")
+
+
+LORA_FOLDER = "lora"  # a LoRA run's <workdir>/lora/pytorch_lora_weights.safetensors (pipe.load_lora_weights(folder))
 
 
 class NonFiniteError(RuntimeError):
@@ -243,6 +246,9 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     text_encoder = sources.text_encoder_params(config)  # a frozen pretrained one, or None
     if text_encoder is not None:
         host_frozen["text_encoder"] = text_encoder
+    lora = adapters.from_config(config)  # LoRA: the base UNet is frozen, the adapters train
+    if lora is not None:
+        host_frozen["unet"] = lora.base_unet_params(models)
     host_frozen = to_host(host_frozen)
     frozen = jax.device_put(host_frozen, sharding.replicated(mesh))  # placed once, not per step
     log.info("latent scale factor %.5f", meta["scale_factor"])
@@ -279,6 +285,8 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     # The end of the run: the last samples and the evaluators, once.
     if result.status == "done" and not run_record.is_finished(workdir, "ldm", config.train.steps):
         ema = to_host(result.state.ema_params)
+        if writer is not None and lora is not None:  # the EMA adapters, as diffusers reads them
+            log.info("wrote %s", lora.export(os.path.join(workdir, LORA_FOLDER), ema["lora"], models))
         if writer is not None:
             write_samples(config.train.steps, ema)
             end_of_run.evaluate(end_of_run.TrainedRun(config, models, sample_fn, ema, host_frozen),

@@ -125,6 +125,20 @@ def test_the_command_prints_one_line_and_exits_1(tmp_path):
 # --pretrained: tiny random Stable Diffusion folders with the real layouts (tests/sd_folders.py)
 
 
+def _cheap_compilation(monkeypatch) -> dict:
+    """Pipelines built from here on compile with XLA:CPU's cheapest settings (tests/training/tiny.py's
+    CHEAP_COMPILE: the same arithmetic, compiled in a third of the time); returns the environment
+    that gives a subprocess the same settings."""
+    from ldm_jax import pipeline as pipeline_module
+    from ldm_jax.runtime import xla_options
+    from tests.training.tiny import CHEAP_COMPILE
+
+    options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
+    monkeypatch.setattr(pipeline_module, "compiler_options", lambda: dict(options))
+    flags = " ".join(f"--{k}={str(v).lower()}" for k, v in CHEAP_COMPILE.items())
+    return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+
+
 @pytest.fixture(scope="module")
 def sd_dirs(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -135,32 +149,36 @@ def sd_dirs(tmp_path_factory):
             "inpaint": sd_folders.make_sd_folder(root / "inpaint", "sd_inpaint", shard=True, extras="present")}
 
 
-def test_pretrained_fp16_folder_from_the_command_line(sd_dirs, tmp_path):
-    folder, out = str(sd_dirs["sd15_fp16"]), tmp_path / "cli"
-    cmd = [sys.executable, "-m", "ldm_jax.sample", "--pretrained", folder, "--prompt", PROMPTS[0],
-           "--steps", "2", "--seed", "3", "--noprogress", "--out", str(out)]
-    # The command shares the session's compilation cache (LDM_JAX_COMPILATION_CACHE, from conftest) and
-    # the tests' matmul precision, so the regeneration below reuses the program it compiled.
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["0000.json", "0000.png", "grid.png"]
-    image = _png(out / "0000.png")
+def test_pretrained_fp16_folder_and_the_sidecar_command(sd_dirs, tmp_path, monkeypatch):
+    env = _cheap_compilation(monkeypatch)
+    folder = str(sd_dirs["sd15_fp16"])
+    args = SampleArgs(out=str(tmp_path / "a"), pretrained=folder, prompt=PROMPTS[:1], steps=2, seed=3, progress=False)
+    (path,) = sample.generate(args)
+    assert sorted(os.listdir(args.out)) == ["0000.json", "0000.png", "grid.png"]
+    image = _png(path)
     assert image.shape == (16, 16, 3) and image.std() > 0
-    with open(out / "0000.json") as f:
+    with open(path[:-4] + ".json") as f:
         sidecar = json.load(f)
     # The folder holds only *.fp16.safetensors: read without --variant, and the sidecar says so.
     assert sidecar["model"] == {"pretrained": folder, "variant": "fp16",
                                 "ignored": {"safety_checker": "StableDiffusionSafetyChecker",
                                             "feature_extractor": "CLIPImageProcessor"}}
-    assert sidecar["command"][3:7] == ["--pretrained", folder, "--variant", "fp16"]
     assert sidecar["task"] == "text" and sidecar["steps"] == 2 and (sidecar["height"], sidecar["width"]) == (16, 16)
-    # In this process, from the sidecar alone: the same pixels.
-    again = sample.generate(sample.args_from_sidecar(sidecar, str(tmp_path / "again")))
-    np.testing.assert_array_equal(_png(again[0]), image)
+    command = sidecar["command"]
+    assert command[3:7] == ["--pretrained", folder, "--variant", "fp16"] and command[-2:] == ["--out", "<folder>"]
+
+    # The sidecar's command, run as is: the same pixels.
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, *command[1:-1], str(out), "--noprogress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(env, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"wrote 1 images, their .json sidecars and grid.png to {out}"
+    np.testing.assert_array_equal(_png(out / "0000.png"), image)
 
 
-def test_pretrained_inpainting_folder(sd_dirs, tmp_path):
+def test_pretrained_inpainting_folder(sd_dirs, tmp_path, monkeypatch):
+    _cheap_compilation(monkeypatch)
     rng = np.random.default_rng(0)
     image_path, mask_path = str(tmp_path / "in.png"), str(tmp_path / "mask.png")
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)

@@ -2,8 +2,9 @@
 
 Generates images from a training run (`--workdir`, its latest checkpoint's EMA weights unless
 `--checkpoint_step` / `--noema`) or a local diffusers-format Stable Diffusion folder
-(`--pretrained`): text -> image, image -> image with `--init_image` (and `--strength`), or
-inpainting with `--init_image` and `--mask` (white = repaint). Writes one PNG per image, a grid
+(`--pretrained`, as downloaded: `--variant fp16` for its *.fp16.safetensors, sharded weights):
+text -> image, image -> image with `--init_image` (and `--strength`), or inpainting with
+`--init_image` and `--mask` (white = repaint). Writes one PNG per image, a grid
 PNG, and a JSON sidecar per image with everything needed to regenerate it, including the command
 (image i uses seed + i, so it can be regenerated on its own). Bad input fails with one line on
 stderr and exit status 1.

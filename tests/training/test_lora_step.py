@@ -3,6 +3,8 @@
 encoder's, trained a few steps by the stage's own step; the adapters alone are trained, carry the
 optimiser state and the EMA, and the export loads in diffusers (parity extra) computing what our
 adapted networks compute. Also the config's checks and configs/sd15_lora.py's adapter count."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,7 +122,7 @@ def test_export_loads_in_diffusers_with_the_same_outputs(run, tmp_path):
     t = np.array([20, 800], np.int32)
     params = {**run["frozen"], "lora": state.ema_params["lora"]}
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=CHEAP_COMPILE)
     def ours(params):
         with adapters.applied(setup, params):
             context = model.context(params, ids)

@@ -20,7 +20,8 @@ The weights are random (``tests.torch_random``) from ``seed``, so every call wit
 arguments writes the same bytes. The folder is written by diffusers itself
 (``save_pretrained(safe_serialization=True, variant=..., max_shard_size=...)``), then its config
 files are replaced by the real-key ones above (which diffusers reads back to the same modules).
-A build takes about a second (the torch modules are built once per kind and seed per process).
+A folder takes about a second to write (the torch modules are built once per kind and seed in a
+process; importing torch, diffusers and transformers first takes a few seconds more).
 """
 from __future__ import annotations
 

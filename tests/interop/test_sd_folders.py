@@ -119,6 +119,23 @@ def test_bf16_inpainting_folder(folders):
     _assert_same_as(ours, _from_pretrained(folders["inpaint_bf16"], "sd_inpaint", variant="bf16"))
 
 
+def test_other_index_name_and_an_image_encoder_entry(folders, tmp_path):
+    # Some Hub folders name a sharded variant's index {stem}.fp16.safetensors.index.json; newer
+    # model_index.json files name an image encoder (IP-Adapter), which is not loaded either.
+    other = _copy(folders["fp16_sharded"], tmp_path / "other")
+    (other / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").rename(
+        other / "unet" / "diffusion_pytorch_model.fp16.safetensors.index.json")
+    _edit_json(other / "model_index.json",
+               lambda d: d.update(image_encoder=["transformers", "CLIPVisionModelWithProjection"]))
+    ours = hf.load_diffusers_dir(other)
+    assert ours.variant == "fp16"
+    assert ours.weight_files["unet"] == "unet/diffusion_pytorch_model.fp16.safetensors.index.json"
+    assert ours.ignored["image_encoder"] == "CLIPVisionModelWithProjection"
+    ref = hf.load_diffusers_dir(folders["fp16"])
+    for (path, a), (_, b) in zip(*(jax.tree_util.tree_leaves_with_path(c.unet_params) for c in (ours, ref))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
 def test_pipeline_info_names_variant_and_ignored_components(folders):
     from ldm_jax.pipeline import LatentDiffusionPipeline
 

@@ -118,6 +118,20 @@ def test_memory_smoke(tmp_path):
     assert row["floor_bytes"] == 20 * row["unet_params"]
 
 
+def test_memory_lora_smoke(tmp_path):
+    """--lora: the donated state is the adapters' (parameters, EMA, two AdamW moments); the frozen
+    UNet is an argument read whole and never written (not aliased)."""
+    memory.main(["--sizes", "micro", "--lora", "2", "--lora_targets", "time_emb_proj", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "memory_lora.json").read_text())  # its own file: memory.json keeps the full step's
+    assert data["command"].startswith("python benchmarks/memory.py ") and data["settings"]["lora"] == 2
+    (row,) = data["rows"]
+    n, u = row["lora_params"], row["unet_params"]
+    assert (row["lora_rank"], row["lora_targets"]) == (2, ["time_emb_proj"]) and 0 < n < u / 10
+    assert 4 * u + 16 * n <= row["state_bytes"] < 4 * u + 16 * n + 16384
+    assert 16 * n <= row["alias_bytes"] < 16 * n + 16384
+    assert row["floor_bytes"] == 4 * u + 20 * n and row["peak_bytes"] == row["state_bytes"] + row["temp_bytes"]
+
+
 def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, gpu.__file__, "--out", str(tmp_path)], capture_output=True, text=True,

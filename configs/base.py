@@ -116,4 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
         unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
         text_encoder=False, text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     )
+    # DreamBooth (Ruiz et al. 2023; configs/sd15_dreambooth.py, training/dreambooth.py): with a
+    # class_prompt, the training examples captioned exactly so (the class images the frozen model
+    # drew) are the prior-preservation term, their loss weighed by prior_loss_weight.
+    c.dreambooth = dict(class_prompt=None, prior_loss_weight=1.0)
     return c

@@ -178,6 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_diffusion(config)
     _check_sampler(config)
     _check_lora(config)
+    _check_dreambooth(config)
     if "ldm" in config.stages:  # the UNet is built only there; its checks use all of the above
         _check_unet(config)
 
@@ -508,6 +509,20 @@ def _check_lora(config) -> None:
     if lo.text_encoder and (config.conditioning.kind != "text" or config.text_encoder.source == "scratch"):
         raise ValueError("lora.text_encoder=True adapts a pretrained text encoder: it needs conditioning.kind='text' "
                          "and text_encoder.source='diffusers:<path>'")
+
+
+def _check_dreambooth(config) -> None:
+    d = config.dreambooth
+    w = d.prior_loss_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise ValueError(f"dreambooth.prior_loss_weight={w!r} must be a number >= 0")
+    if d.class_prompt is None:
+        return
+    if not isinstance(d.class_prompt, str) or not d.class_prompt.strip():
+        raise ValueError(f"dreambooth.class_prompt={d.class_prompt!r} must be the class images' caption "
+                         "(e.g. 'a photo of a dog'), or None for no prior preservation")
+    if config.conditioning.kind != "text":
+        raise ValueError(f"dreambooth.class_prompt needs conditioning.kind='text', not {config.conditioning.kind!r}")
 
 
 def _check_optim(o, path: str) -> None:

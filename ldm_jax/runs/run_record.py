@@ -68,10 +68,11 @@ MIGRATIONS = {
         "diffusion.preconditioning": "none",
     },
     4: {
-        # There was no LoRA: the UNet itself trained.
+        # There was no LoRA: the UNet itself trained; and no prior-preservation weighting.
         "lora": {"enabled": False, "base": None, "rank": 4, "alpha": 4.0, "dropout": 0.0, "init": "kaiming",
                  "unet_targets": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": False,
                  "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
+        "dreambooth": {"class_prompt": None, "prior_loss_weight": 1.0},
     },
 }
 

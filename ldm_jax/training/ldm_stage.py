@@ -119,6 +119,24 @@ def encode_split(models: Models, ae_params, source, data, batch_size: int = 256)
     return out
 
 
+def example_weights(config, models: Models):
+    """DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): weights(ids [B, L]) -> [B], giving
+    dreambooth.prior_loss_weight to the examples captioned exactly dreambooth.class_prompt (the class
+    images the frozen model drew, `training.dreambooth`) and 1 to the rest; None without a class
+    prompt. With instance and class images drawn alike, the step's mean loss is, in expectation, half
+    DreamBooth's L_instance + lambda L_prior (a constant factor)."""
+    d = config.get("dreambooth")
+    if d is None or d.class_prompt is None:
+        return None
+    class_ids = jnp.asarray(models.conditioning.conditions([d.class_prompt])[0][0])  # [L]
+    prior_weight = float(d.prior_loss_weight)
+
+    def weights(ids):
+        return jnp.where(jnp.all(ids == class_ids, axis=-1), prior_weight, 1.0)
+
+    return weights
+
+
 def make_train_step(config, models: Models):
     """train_step(state, batch, frozen) -> (state, metrics) for the configured objective."""
     ts_sampler = make_timestep_sampler(config)
@@ -126,6 +144,7 @@ def make_train_step(config, models: Models):
     dropout_p = float(config.conditioning.caption_dropout)
     unet_dropout = models.unet.dropout > 0
     lora = adapters.from_config(config)  # None: the networks train themselves
+    prior = example_weights(config, models)  # None: every example weighs 1
 
     def train_step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -133,6 +152,8 @@ def make_train_step(config, models: Models):
         z0 = models.training_latents(frozen, batch, k_enc)
         cond = models.conditioning.drop(batch, k_drop, dropout_p)  # classifier-free guidance training
         t, weights = ts_sampler.sample(state.extra["timesteps"], k_t, z0.shape[0])
+        if prior is not None:  # before caption dropout: a class image is one whatever its caption becomes
+            weights = weights * prior(batch[models.conditioning.batch_key])
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
 
         trainable, fixed = split_params(state.params, state.frozen_paths)

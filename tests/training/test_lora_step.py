@@ -2,7 +2,8 @@
 (`diffusers_runs.config_for_diffusers`) with rank-4 adapters on the UNet's attention and the text
 encoder's, trained a few steps by the stage's own step; the adapters alone are trained, carry the
 optimiser state and the EMA, and the export loads in diffusers (parity extra) computing what our
-adapted networks compute. Also the config's checks and configs/sd15_lora.py's adapter count."""
+adapted networks compute. The step is DreamBooth-LoRA's (one of the two examples is a prior-preservation
+class image, weighed 0.5). Also the config's checks and configs/sd15_lora.py's adapter count."""
 import functools
 
 import jax
@@ -67,6 +68,7 @@ def run(tmp_path_factory):
     config.lora.update(enabled=True, base=f"diffusers:{folder}", rank=4, alpha=8.0, dropout=0.1, text_encoder=True,
                        unet_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in"))  # proj_in: a 1x1 conv
     config.data.batch_size = 2
+    config.dreambooth.update(class_prompt=PROMPTS[1], prior_loss_weight=0.5)  # DreamBooth-LoRA's step: a class image
     config.optim.update(lr=1e-2, warmup_steps=0, ema_decay=0.9)
     config.train.remat = True  # as configs/sd15_lora.py: the adapters' forward inside rematerialised blocks
     config_lib.validate(config)

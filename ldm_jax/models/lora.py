@@ -161,12 +161,14 @@ def adapted(adapters: Mapping[str, Mapping], scale: float = 1.0, *, dropout: flo
         raise ValueError(f"adapters for unknown networks {sorted(unknown)}; allowed: {', '.join(NETWORKS)}")
     by_network = {name: adapter_items(tree) for name, tree in adapters.items()}
     roots: list[str | None] = []  # the network whose apply is running (a stack: applies may nest)
+    ran: set[str | None] = set()
     used: set[tuple[str, Path]] = set()
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if module.path == ():  # the root module of an apply: note which network it is
             roots.append(next((n for n, cls in NETWORKS.items() if isinstance(module, cls)), None))
+            ran.add(roots[-1])
             try:
                 return next_fun(*args, **kwargs)
             finally:
@@ -187,9 +189,8 @@ def adapted(adapters: Mapping[str, Mapping], scale: float = 1.0, *, dropout: flo
 
     with nn.intercept_methods(interceptor):
         yield
-    unused = [f"{name}:{'/'.join(p)}" for name, items in by_network.items() for p in items if (name, p) not in used]
-    if unused and used:  # a network that ran at all must have used all of its adapters
-        ran = {name for name, _ in used}
-        unused = [u for u in unused if u.split(":")[0] in ran]
-        if unused:
-            raise ValueError(f"LoRA adapters for layers the network never called: {unused[:10]}")
+    # A network that ran must have called every layer it has adapters for (else they name no layer).
+    unused = [f"{name}:{'/'.join(p)}" for name, items in by_network.items() if name in ran
+              for p in items if (name, p) not in used]
+    if unused:
+        raise ValueError(f"LoRA adapters for layers the network never called: {unused[:10]}")

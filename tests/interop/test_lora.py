@@ -247,6 +247,11 @@ def test_bad_files_name_the_file_and_key(ours, torch_lora_dir, tmp_path):
         lora_weights.target_paths(ours.params["unet"], ["to_z"])
     with pytest.raises(ValueError, match="finite"):
         ours.with_lora(torch_lora_dir, scale=float("nan"))
+    # An adapter tree naming a layer the network does not call (e.g. another config's) is refused.
+    ab = {"A": np.zeros((32, 2), np.float32), "B": np.zeros((2, 32), np.float32)}
+    with pytest.raises(ValueError, match=r"never called: \['text_encoder:encoder/layers_7/self_attn/q_proj'\]"):
+        with lora.adapted({"text_encoder": {"encoder": {"layers_7": {"self_attn": {"q_proj": ab}}}}}):
+            ours.text_encoder.apply({"params": ours.params["text_encoder"]}, te.tokenize(ours.tokenizer, PROMPTS))
 
 
 def test_sample_command_merges_the_lora(ours, folder, torch_lora_dir, tmp_path):

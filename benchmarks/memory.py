@@ -53,7 +53,7 @@ def host_ram_bytes() -> int | None:
 
 
 def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: int | None = None,
-            lora_rank: int | None = None, lora_targets=LORA_TARGETS) -> dict:
+            lora_rank: int | None = None, lora_targets=LORA_TARGETS, overrides=()) -> dict:
     """Compile `size`'s training step (or its LoRA step, `lora_rank`) from abstract shapes; XLA's
     memory analysis of it."""
     import jax
@@ -65,7 +65,8 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: i
     from ldm_jax.training import autoencoder_stage, ldm_stage
     from ldm_jax.training.state import TrainState
 
-    config = common.size_config(size, batch=batch, image_size=image_size, dtype=dtype, remat=remat)
+    config = common.size_config(size, batch=batch, image_size=image_size, dtype=dtype, remat=remat,
+                                overrides=overrides)
     unet = UNet(**config_lib.unet_kwargs(config))
     latent, context = config_lib.latent_shape(config), common.context_shape(config)
     abstract = common.unet_param_shapes(unet, latent, context)
@@ -95,6 +96,7 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: i
                 unet_params=n_params, state_bytes=state_b, temp_bytes=temp_b,
                 alias_bytes=int(m.alias_size_in_bytes), peak_bytes=state_b + temp_b, floor_bytes=floor,
                 peak_over_floor=(state_b + temp_b) / floor, compile_s=compile_s,
+                overrides=list(overrides),
                 **({} if lora_rank is None else dict(lora_rank=lora_rank, lora_targets=list(lora_targets),
                                                      lora_params=n_trained)))
 
@@ -160,6 +162,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--image_size", type=int, default=None, help="image size for every size (default: the size's own)")
     parser.add_argument("--lora", type=int, default=None, metavar="R", help="measure the LoRA step with rank-R adapters")
     parser.add_argument("--lora_targets", default=",".join(LORA_TARGETS), help="the adapted layers (peft's target_modules)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. unet.query_chunk_size=1024 (repeatable)")
     args = parser.parse_args(argv)
     try:
         sizes = common.sizes_and_batch(args)
@@ -173,12 +177,13 @@ def main(argv=None) -> dict:
     for size in sizes:
         print(f"memory: {size} ...", file=sys.stderr, flush=True)
         try:
-            rows.append(analyse(size, args.batch, args.dtype, args.remat, args.image_size, args.lora, targets))
-        except ValueError as e:  # a --lora_targets entry that matches no layer of this size's UNet
+            rows.append(analyse(size, args.batch, args.dtype, args.remat, args.image_size, args.lora, targets,
+                                args.set))
+        except ValueError as e:  # a --lora_targets entry that matches no layer, a bad --set
             parser.error(f"--sizes {size}: {e}")
     ram = host_ram_bytes()
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat, image_size=args.image_size,
-                    lora=args.lora, lora_targets=list(targets) if args.lora else None)
+                    lora=args.lora, lora_targets=list(targets) if args.lora else None, overrides=args.set)
     name = "memory" if args.lora is None else "memory_lora"
     path = common.write_results(name, rows, settings, args.out, extra={"host_ram_bytes": ram},
                                 command=common.command_line(__file__, argv))

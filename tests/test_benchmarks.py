@@ -121,12 +121,14 @@ def test_memory_smoke(tmp_path):
 def test_memory_lora_smoke(tmp_path):
     """--lora: the donated state is the adapters' (parameters, EMA, two AdamW moments); the frozen
     UNet is an argument read whole and never written (not aliased)."""
-    memory.main(["--sizes", "micro", "--lora", "2", "--lora_targets", "time_emb_proj", "--out", str(tmp_path)])
+    memory.main(["--sizes", "micro", "--lora", "2", "--lora_targets", "time_emb_proj", "--set", "unet.dropout=0.0",
+                 "--out", str(tmp_path)])
     data = json.loads((tmp_path / "memory_lora.json").read_text())  # its own file: memory.json keeps the full step's
     assert data["command"].startswith("python benchmarks/memory.py ") and data["settings"]["lora"] == 2
     (row,) = data["rows"]
     n, u = row["lora_params"], row["unet_params"]
-    assert (row["lora_rank"], row["lora_targets"]) == (2, ["time_emb_proj"]) and 0 < n < u / 10
+    assert (row["lora_rank"], row["lora_targets"], row["overrides"]) == (2, ["time_emb_proj"], ["unet.dropout=0.0"])
+    assert 0 < n < u / 10
     assert 4 * u + 16 * n <= row["state_bytes"] < 4 * u + 16 * n + 16384
     assert 16 * n <= row["alias_bytes"] < 16 * n + 16384
     assert row["floor_bytes"] == 4 * u + 20 * n and row["peak_bytes"] == row["state_bytes"] + row["temp_bytes"]

@@ -14,8 +14,12 @@ The run ends by writing runs/sd15_lora/lora/pytorch_lora_weights.safetensors, wh
 `pipe.load_lora_weights("runs/sd15_lora/lora")` and ours (`pipe.with_lora(...)`,
 `python -m ldm_jax.sample --pretrained /models/stable-diffusion-v1-5 --lora runs/sd15_lora/lora`)
 load. Add `--config.lora.text_encoder=True` to adapt the text encoder's attention too. Settings as
-diffusers' train_text_to_image_lora.py: learning rate 1e-4, constant, no warm-up, batch 8 at 512x512,
-bfloat16 activations with rematerialised UNet blocks.
+diffusers' train_text_to_image_lora.py (learning rate 1e-4, constant, no warm-up) at 512x512, with
+bfloat16 activations, rematerialised UNet blocks and attention in chunks of 1024 queries, batch 4:
+the step needs 13.7 GiB (XLA's buffer assignment from abstract shapes, benchmarks/results/memory_lora.json:
+`python benchmarks/memory.py --sizes sd15 --image_size 512 --dtype bfloat16 --remat --lora 4 --batch 4
+--set unet.query_chunk_size=1024`), so it fits a 24 GB GPU; batch 8 needs 21.0 GiB, and whole
+[4096 x 4096] attention matrices (no chunks) cost about 7 GiB an image more.
 """
 import pathlib
 
@@ -28,7 +32,8 @@ def get_config():
     c = load_config(pathlib.Path(__file__).with_name("sd15.py"))
     c.lora.update(enabled=True, base=f"diffusers:{SD15_DIR}", rank=4, alpha=4.0, dropout=0.0, init="kaiming",
                   unet_targets=("to_q", "to_k", "to_v", "to_out.0"), text_encoder=False)
-    c.data.update(batch_size=8)
+    c.data.update(batch_size=4)
+    c.unet.query_chunk_size = 1024  # attention in query chunks: the step fits a 24 GB GPU (see the docstring)
     c.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=1e-2, ema_decay=0.999)
     c.train.update(steps=2_000, log_every=50, checkpoint_every=500, sample_every=500)
     c.eval.splits = ()

@@ -1,10 +1,12 @@
 """LoRA training (the `lora` config group, `ldm.adapters`): a tiny random SD folder imported as a run
 (`diffusers_runs.config_for_diffusers`) with rank-4 adapters on the UNet's attention and the text
-encoder's, trained a few steps by the stage's own step; the adapters alone are trained, carry the
-optimiser state and the EMA, and the export loads in diffusers (parity extra) computing what our
-adapted networks compute. The step is DreamBooth-LoRA's (one of the two examples is a prior-preservation
-class image, weighed 0.5). Also the config's checks and configs/sd15_lora.py's adapter count."""
+encoder's, trained a few steps by the training loop; the adapters alone are trained, carry the
+optimiser state and the EMA and are checkpointed, and the run's export loads in diffusers (parity
+extra) computing what our adapted networks compute. The step is DreamBooth-LoRA's (a caption is the
+prior-preservation class prompt, weighed 0.5). Also the config's checks and configs/sd15_lora.py's
+adapter count."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import config as config_lib
-from ldm_jax.ldm import adapters, sources
+from ldm_jax.ldm import adapters
 from ldm_jax.models import lora
 from ldm_jax.models.text_encoder import tokenize
 from ldm_jax.training import ldm_stage
@@ -55,74 +57,84 @@ def test_bad_lora_keys_are_named(key, value, message):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(config, model, frozen, state after 3 steps, state at step 0) of a LoRA run on the tiny folder."""
+def run(shapes_dir, tmp_path_factory):
+    """A LoRA run of the training loop (`loop.train_and_evaluate`) on the tiny folder: rank-4 adapters
+    on the UNet's attention and proj_in (a 1x1 convolution) and on the text encoder's attention, in
+    rematerialised blocks (as configs/sd15_lora.py), with LoRA dropout, trained 3 steps on 16x16
+    shapes images, DreamBooth-LoRA's step (one caption is the prior-preservation class prompt).
+    Returns (config, model, frozen base networks, workdir, its last checkpoint, folder, summary)."""
     pytest.importorskip("diffusers")
     from ldm_jax.interop import diffusers as hf
+    from ldm_jax.runs.workdir import restore_stage
+    from ldm_jax.runtime import sharding
+    from ldm_jax.training import loop
     from ldm_jax.training.diffusers_runs import config_for_diffusers
     from tests.interop.test_lora import tiny_sd_pipeline
+    from tests.sizes import SMALL_SHAPES
+    from tests.training.tiny import cheap_compilation
 
     folder = tmp_path_factory.mktemp("sd_lora_run")
     tiny_sd_pipeline(seed=7).save_pretrained(str(folder), safe_serialization=True)
-    config = config_for_diffusers(hf.load_diffusers_dir(folder), str(folder))
+    components = hf.load_diffusers_dir(folder)
+    config = config_for_diffusers(components, str(folder))
     config.lora.update(enabled=True, base=f"diffusers:{folder}", rank=4, alpha=8.0, dropout=0.1, text_encoder=True,
-                       unet_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in"))  # proj_in: a 1x1 conv
-    config.data.batch_size = 2
-    config.dreambooth.update(class_prompt=PROMPTS[1], prior_loss_weight=0.5)  # DreamBooth-LoRA's step: a class image
+                       unet_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in"))
+    config.data.update(name="shapes", data_dir=shapes_dir, image_size=16, batch_size=4, flip=False)
+    config.data.options = dict(SMALL_SHAPES)  # replaces the image_folder's options (update would merge them)
+    config.dreambooth.update(class_prompt="a red circle on the left", prior_loss_weight=0.5)
     config.optim.update(lr=1e-2, warmup_steps=0, ema_decay=0.9)
-    config.train.remat = True  # as configs/sd15_lora.py: the adapters' forward inside rematerialised blocks
+    config.sampler.num_steps = 2
+    config.train.update(steps=3, log_every=1, checkpoint_every=3, sample_every=1000, remat=True,
+                        sample_prompts=("a red circle on the left",))
+    config.eval.splits = ()
     config_lib.validate(config)
-    model = ldm_stage.build_models(config)
-    frozen = {"autoencoder": sources.autoencoder_params(config, None, None), "scale": np.float32(0.18215),
-              "text_encoder": sources.text_encoder_params(config),
-              "unet": adapters.from_config(config).base_unet_params(model)}  # as the training loop's run_ldm
-    state0 = jax.jit(lambda rng: ldm_stage.init_state(config, model, rng))(jax.random.PRNGKey(0))
-    step = jax.jit(ldm_stage.make_train_step(config, model), compiler_options=CHEAP_COMPILE)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
-             "ids": tokenize(model.conditioning.tokenizer, PROMPTS)}
-    state, losses = state0, []
-    for _ in range(3):
-        state, metrics = step(state, batch, frozen)
-        losses.append(float(metrics["loss"]))
-    return dict(config=config, model=model, frozen=frozen, state=state, state0=state0,
-                losses=losses, folder=folder)
+    workdir = tmp_path_factory.mktemp("lora_run")
+    with cheap_compilation():
+        summary = loop.train_and_evaluate(config, str(workdir))
+    state, _ = restore_stage(str(workdir), "ldm", sharding.make_mesh())
+    frozen = {"unet": components.unet_params, "text_encoder": components.text_encoder_params}
+    return dict(config=config, model=ldm_stage.build_models(config), frozen=frozen, workdir=workdir,
+                state=jax.device_get(state), folder=folder, summary=summary)
 
 
 def test_only_the_adapters_train(run):
-    state, state0, model = run["state"], run["state0"], run["model"]
-    assert int(state.step) == 3 and int(state.nonfinite) == 0 and all(np.isfinite(run["losses"]))
-    # The state holds the adapters alone: params, EMA, optimiser state (flat AdamW moments of their size).
-    assert set(state.params) == set(state.ema_params) == {"lora"}
-    assert set(state.params["lora"]) == {"unet", "text_encoder"}
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    sizes = {int(np.size(x)) for x in jax.tree.leaves(state.opt_state)}
+    """The loop's checkpoint: params, EMA and optimiser state are the adapters' alone (flat AdamW
+    moments of their size); every adapter's B has left its zeros; the losses were finite."""
+    state, workdir = run["state"], run["workdir"]
+    assert run["summary"]["status"] == "done" and int(state["step"]) == 3 and int(state["nonfinite"]) == 0
+    assert set(state["params"]) == set(state["ema_params"]) == {"lora"}
+    assert set(state["params"]["lora"]) == {"unet", "text_encoder"}
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    sizes = {int(np.size(x)) for x in jax.tree.leaves(state["opt_state"])}
     assert n in sizes and sizes <= {1, n}, sizes
-    # Every adapter moved: B from its zeros, A from peft's init.
     for net in ("unet", "text_encoder"):
-        items, items0 = lora.adapter_items(state.params["lora"][net]), lora.adapter_items(state0.params["lora"][net])
+        items = lora.adapter_items(state["params"]["lora"][net])
         assert items and all(np.abs(np.asarray(ab["B"])).max() > 0 for ab in items.values()), net
-        assert all(not np.array_equal(ab["A"], items0[p]["A"]) for p, ab in items.items()), net
-        assert not any(np.any(items0[p]["B"]) for p in items), net
-    assert run["losses"][-1] != run["losses"][0]
+    with open(workdir / "metrics.jsonl") as f:
+        losses = [row["ldm/loss"] for row in map(json.loads, f) if "ldm/loss" in row]
+    assert len(losses) == 3 and all(np.isfinite(losses)), losses
+    # The base is the folder's, untouched: the run wrote no UNet or text encoder, and its merged
+    # export equals base + scale A B (test_a_lora_run_samples_merged).
+    assert not any("unet" in k or "text_encoder" in k for k in state["params"])
 
 
-def test_export_loads_in_diffusers_with_the_same_outputs(run, tmp_path):
-    """The run's export (`LoraSetup.export`, which the loop calls at the end) in diffusers'
-    pipe.load_lora_weights: its text encoder and UNet (adapters on a 1x1 convolution included) compute
-    what our adapted ones do (eval mode), and so do ours with the adapters merged into the weights."""
+def test_export_loads_in_diffusers_with_the_same_outputs(run):
+    """The file the run's end wrote (<workdir>/lora/pytorch_lora_weights.safetensors, the EMA adapters)
+    in diffusers' pipe.load_lora_weights: its text encoder and UNet (adapters on a 1x1 convolution
+    included) compute what our adapted ones do (eval mode), and so do ours with the adapters merged
+    into the weights."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     config, model, state = run["config"], run["model"], run["state"]
     setup = adapters.from_config(config)
-    file = setup.export(str(tmp_path), state.ema_params["lora"], model)
-    assert file.name == "pytorch_lora_weights.safetensors"
+    export = run["workdir"] / "lora"
+    assert sorted(p.name for p in export.iterdir()) == ["pytorch_lora_weights.safetensors"]
 
     ids = tokenize(model.conditioning.tokenizer, PROMPTS)
     x = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
     t = np.array([20, 800], np.int32)
-    params = {**run["frozen"], "lora": state.ema_params["lora"]}
+    params = {**run["frozen"], "lora": state["ema_params"]["lora"]}
 
     @functools.partial(jax.jit, compiler_options=CHEAP_COMPILE)
     def ours(params):
@@ -132,7 +144,7 @@ def test_export_loads_in_diffusers_with_the_same_outputs(run, tmp_path):
 
     context, eps = ours(params)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(run["folder"]), local_files_only=True)
-    pipe.load_lora_weights(str(tmp_path))
+    pipe.load_lora_weights(str(export))
     with torch.no_grad():
         ref_context = pipe.text_encoder(torch.from_numpy(ids).long())[0]
         ref_eps = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), ref_context).sample
@@ -151,24 +163,18 @@ def test_export_loads_in_diffusers_with_the_same_outputs(run, tmp_path):
     assert moved > 1e-3
 
 
-def test_a_lora_checkpoint_holds_the_adapters_and_samples_merged(run, tmp_path):
-    """A LoRA run's checkpoint holds the adapters alone (far smaller than the UNet), and
-    LatentDiffusionPipeline.from_workdir samples the base with its EMA adapters merged in."""
+def test_a_lora_run_checkpoints_the_adapters_and_samples_merged(run):
+    """A LoRA run's checkpoints hold the adapters alone (far smaller than the UNet), and
+    LatentDiffusionPipeline.from_workdir samples the base with the EMA adapters merged in."""
     from ldm_jax.pipeline import LatentDiffusionPipeline
-    from ldm_jax.runs import run_record
-    from ldm_jax.runs.checkpoint import StageCheckpoints
 
-    config, state = run["config"], run["state"]
-    run_record.write_config(str(tmp_path), config)
-    ckpt = StageCheckpoints(str(tmp_path), "ldm")
-    ckpt.save(3, state, meta={"scale_factor": 0.18215})
-    ckpt.close()
-    stored = sum(f.stat().st_size for f in (tmp_path / "checkpoints").rglob("*") if f.is_file())
+    config, state, workdir = run["config"], run["state"], run["workdir"]
+    stored = sum(f.stat().st_size for f in (workdir / "checkpoints").rglob("*") if f.is_file())
     unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(run["frozen"]["unet"]))
     assert stored < unet_bytes / 2, (stored, unet_bytes)
 
-    pipe = LatentDiffusionPipeline.from_workdir(str(tmp_path))
-    want = adapters.from_config(config).merged(run["frozen"], state.ema_params["lora"])
+    pipe = LatentDiffusionPipeline.from_workdir(str(workdir))
+    want = adapters.from_config(config).merged(run["frozen"], state["ema_params"]["lora"])
     for net in ("unet", "text_encoder"):
         leaves, ref = jax.tree.leaves(pipe.params[net]), jax.tree.leaves(want[net])
         assert len(leaves) == len(ref)

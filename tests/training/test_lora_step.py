@@ -185,3 +185,20 @@ def test_a_lora_run_checkpoints_the_adapters_and_samples_merged(run):
     for k in kernel:
         node, base = node[k], base[k]
     assert np.abs(np.asarray(node) - np.asarray(base)).max() > 1e-4  # the LoRA is in
+
+
+def test_a_lora_run_exports_as_a_full_model(run, tmp_path):
+    """python -m ldm_jax.convert --workdir <LoRA run> --to_diffusers OUT (`workdir_to_diffusers`): a
+    whole diffusers folder whose UNet and text encoder are the base with the EMA adapters merged."""
+    from ldm_jax.interop import diffusers as hf
+    from ldm_jax.training.diffusers_runs import workdir_to_diffusers
+
+    out = workdir_to_diffusers(str(run["workdir"]), str(tmp_path / "merged"))
+    exported = hf.load_diffusers_dir(out)
+    want = adapters.from_config(run["config"]).merged(run["frozen"], run["state"]["ema_params"]["lora"])
+    for net, got in (("unet", exported.unet_params), ("text_encoder", exported.text_encoder_params)):
+        assert jax.tree.structure(got) == jax.tree.structure(want[net]), net
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[net])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(exported.unet_params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"],
+                              run["frozen"]["unet"]["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"])

@@ -36,10 +36,12 @@ from ldm_jax.ldm.sources import from_workdir as load_workdir_model
 from ldm_jax.runtime import sharding
 from ldm_jax.runtime.xla_options import compiler_options
 
-# The sampler named by a diffusers scheduler class: the default for folders that ship it.
+# ldm_jax's own sampler closest to a diffusers scheduler class: what a run imported from a folder
+# (training/diffusers_runs.py) samples its previews with. The pipeline itself runs the folder's
+# scheduler exactly (sampler="scheduler"). LMS and Euler-ancestral have no counterpart here.
 SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "PNDMScheduler": "plms", "DDPMScheduler": "ddpm",
                       "DPMSolverMultistepScheduler": "dpm_solver++", "EulerDiscreteScheduler": "euler",
-                      "HeunDiscreteScheduler": "heun"}
+                      "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc"}
 
 
 class SamplerDefaults(NamedTuple):

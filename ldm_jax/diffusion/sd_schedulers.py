@@ -112,6 +112,68 @@ _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 SCHEDULER_CLASSES = tuple(KINDS)
 
 
+# The keys of schedule_from_scheduler_config's result that configure sampling, not make_schedule.
+SAMPLING_KEYS = ("prediction", "spacing", "steps_offset")
+
+_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear",
+                   "squaredcos_cap_v2": "cosine"}
+_SPACINGS = ("leading", "trailing", "linspace")
+# Defaults of the diffusers scheduler classes, for configs that omit a key.
+_LINSPACE_DEFAULT = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                     "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+                     "DEISMultistepScheduler"}
+_OUR_SCALED_LINEAR = (0.00085, 0.012)  # make_schedule("scaled_linear") defaults
+_OUR_LINEAR = (1e-4, 0.02)  # make_schedule("linear") defaults
+
+
+def schedule_from_scheduler_config(config: Mapping[str, Any]) -> dict:
+    """diffusers scheduler config (``scheduler_config.json``) -> our schedule and sampler options.
+
+    Returns ``dict(name, num_timesteps, zero_terminal_snr, [beta_start, beta_end, rescale],
+    prediction, spacing, steps_offset)``: everything but ``SAMPLING_KEYS`` are the arguments of
+    ``make_schedule`` (beta endpoints only when they differ from its defaults; ``rescale=False``
+    for a "linear" schedule with T != 1000, since diffusers does not rescale); ``prediction``
+    ("eps" | "v" | "x0"), ``spacing`` and ``steps_offset`` go to the sampler. Raises ValueError
+    naming the key for values we do not implement (``trained_betas``, other beta schedules...).
+    """
+    cls = config.get("_class_name", "")
+    heun = cls == "HeunDiscreteScheduler"
+    get = lambda key, default: default if config.get(key) is None else config[key]
+
+    if config.get("trained_betas") is not None:
+        raise ValueError("scheduler config trained_betas is not supported (only named schedules)")
+    beta_schedule = get("beta_schedule", "linear")
+    if beta_schedule not in _BETA_SCHEDULES:
+        raise ValueError(f"scheduler config beta_schedule={beta_schedule!r} is not supported; "
+                         f"allowed: {', '.join(_BETA_SCHEDULES)}")
+    prediction_type = get("prediction_type", "epsilon")
+    if prediction_type not in _PREDICTIONS:
+        raise ValueError(f"scheduler config prediction_type={prediction_type!r} is not "
+                         f"supported; allowed: {', '.join(_PREDICTIONS)}")
+    spacing = get("timestep_spacing", "linspace" if cls in _LINSPACE_DEFAULT else "leading")
+    if spacing not in _SPACINGS:
+        raise ValueError(f"scheduler config timestep_spacing={spacing!r} is not supported; "
+                         f"allowed: {', '.join(_SPACINGS)}")
+    num_timesteps = int(get("num_train_timesteps", 1000))
+
+    name = _BETA_SCHEDULES[beta_schedule]
+    out: dict[str, Any] = dict(name=name, num_timesteps=num_timesteps,
+                               zero_terminal_snr=bool(get("rescale_betas_zero_snr", False)))
+    beta_start = float(get("beta_start", 0.00085 if heun else 1e-4))
+    beta_end = float(get("beta_end", 0.012 if heun else 0.02))
+    ours = {"scaled_linear": _OUR_SCALED_LINEAR, "linear": _OUR_LINEAR}.get(name)
+    if ours is not None and not (math.isclose(beta_start, ours[0], rel_tol=1e-9)
+                                 and math.isclose(beta_end, ours[1], rel_tol=1e-9)):
+        out.update(beta_start=beta_start, beta_end=beta_end)
+    if name == "linear" and num_timesteps != 1000:
+        out["rescale"] = False
+    out.update(prediction=_PREDICTIONS[prediction_type], spacing=spacing,
+               steps_offset=int(get("steps_offset", 0)))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
     """A diffusers scheduler config, validated: `cls` (class name), `kind`, `options` (the
@@ -215,8 +277,6 @@ def _check_key(cls: str, key: str, value, default) -> None:
 def alphas_cumprod(scheduler: Scheduler) -> np.ndarray:
     """The class's alphas_cumprod (float64), zero-terminal-SNR rescaled as diffusers does; the
     sigma-space classes then clip the last entry to 2^-24 so that sigma_max stays finite."""
-    from ldm_jax.interop.diffusers import schedule_from_scheduler_config  # the betas' one reader
-
     args = schedule_from_scheduler_config(scheduler.schedule_config())
     args = {k: v for k, v in args.items() if k not in ("prediction", "spacing", "steps_offset")}
     acp = np.array(schedules.make_schedule(**args).alphas_cumprod, np.float64)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import re
 from typing import Any, Mapping
@@ -77,67 +76,10 @@ def text_encoder_from_transformers(torch_text_model, *, dtype=None) -> tuple[CLI
 # ---------------------------------------------------------------------------------------------
 # Scheduler configs
 
-# The keys of schedule_from_scheduler_config's result that configure sampling, not make_schedule.
-SAMPLING_KEYS = ("prediction", "spacing", "steps_offset")
-
-_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear",
-                   "squaredcos_cap_v2": "cosine"}
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-_SPACINGS = ("leading", "trailing", "linspace")
-# Defaults of the diffusers scheduler classes, for configs that omit a key.
-_LINSPACE_DEFAULT = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-                     "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
-                     "DEISMultistepScheduler"}
-_OUR_SCALED_LINEAR = (0.00085, 0.012)  # make_schedule("scaled_linear") defaults
-_OUR_LINEAR = (1e-4, 0.02)  # make_schedule("linear") defaults
-
-
-def schedule_from_scheduler_config(config: Mapping[str, Any]) -> dict:
-    """diffusers scheduler config (``scheduler_config.json``) -> our schedule and sampler options.
-
-    Returns ``dict(name, num_timesteps, zero_terminal_snr, [beta_start, beta_end, rescale],
-    prediction, spacing, steps_offset)``: everything but ``SAMPLING_KEYS`` are the arguments of
-    ``make_schedule`` (beta endpoints only when they differ from its defaults; ``rescale=False``
-    for a "linear" schedule with T != 1000, since diffusers does not rescale); ``prediction``
-    ("eps" | "v" | "x0"), ``spacing`` and ``steps_offset`` go to the sampler. Raises ValueError
-    naming the key for values we do not implement (``trained_betas``, other beta schedules...).
-    """
-    cls = config.get("_class_name", "")
-    heun = cls == "HeunDiscreteScheduler"
-    get = lambda key, default: default if config.get(key) is None else config[key]
-
-    if config.get("trained_betas") is not None:
-        raise ValueError("scheduler config trained_betas is not supported (only named schedules)")
-    beta_schedule = get("beta_schedule", "linear")
-    if beta_schedule not in _BETA_SCHEDULES:
-        raise ValueError(f"scheduler config beta_schedule={beta_schedule!r} is not supported; "
-                         f"allowed: {', '.join(_BETA_SCHEDULES)}")
-    prediction_type = get("prediction_type", "epsilon")
-    if prediction_type not in _PREDICTIONS:
-        raise ValueError(f"scheduler config prediction_type={prediction_type!r} is not "
-                         f"supported; allowed: {', '.join(_PREDICTIONS)}")
-    spacing = get("timestep_spacing", "linspace" if cls in _LINSPACE_DEFAULT else "leading")
-    if spacing not in _SPACINGS:
-        raise ValueError(f"scheduler config timestep_spacing={spacing!r} is not supported; "
-                         f"allowed: {', '.join(_SPACINGS)}")
-    num_timesteps = int(get("num_train_timesteps", 1000))
-
-    name = _BETA_SCHEDULES[beta_schedule]
-    out: dict[str, Any] = dict(name=name, num_timesteps=num_timesteps,
-                               zero_terminal_snr=bool(get("rescale_betas_zero_snr", False)))
-    beta_start = float(get("beta_start", 0.00085 if heun else 1e-4))
-    beta_end = float(get("beta_end", 0.012 if heun else 0.02))
-    ours = {"scaled_linear": _OUR_SCALED_LINEAR, "linear": _OUR_LINEAR}.get(name)
-    if ours is not None and not (math.isclose(beta_start, ours[0], rel_tol=1e-9)
-                                 and math.isclose(beta_end, ours[1], rel_tol=1e-9)):
-        out.update(beta_start=beta_start, beta_end=beta_end)
-    if name == "linear" and num_timesteps != 1000:
-        out["rescale"] = False
-    out.update(prediction=_PREDICTIONS[prediction_type], spacing=spacing,
-               steps_offset=int(get("steps_offset", 0)))
-    return out
+# The diffusers scheduler config -> our schedule mapping lives with the schedulers (diffusion/);
+# re-exported here, where the folder loaders use it.
+from ldm_jax.diffusion.sd_schedulers import (  # noqa: E402, F401
+    SAMPLING_KEYS, schedule_from_scheduler_config, _BETA_SCHEDULES, _PREDICTIONS, _OUR_LINEAR, _OUR_SCALED_LINEAR)
 
 
 def scheduler_config_from_schedule(schedule: Mapping[str, Any]) -> dict:

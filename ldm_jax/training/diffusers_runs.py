@@ -4,6 +4,7 @@ library."""
 from __future__ import annotations
 
 import os
+import warnings
 
 # Module fields that a config must not set (another key decides them), per config group.
 _NOT_IN_CONFIG = {
@@ -37,6 +38,7 @@ def _kwargs(module, drop) -> dict:
 def config_for_diffusers(components, source: str):
     """A training config (base.py's keys) for the models of a loaded diffusers folder."""
     from ldm_jax import config as config_lib
+    from ldm_jax.diffusion import sd_schedulers
     from ldm_jax.pipeline import SCHEDULER_SAMPLERS
 
     c = components
@@ -61,7 +63,13 @@ def config_for_diffusers(components, source: str):
     spacing = schedule.pop("spacing")
     schedule.pop("steps_offset")  # the config has no key for it: workdirs sample with offset 0
     config.diffusion.schedule_kwargs = schedule  # beta_start / beta_end / rescale when not the defaults
-    sampler = SCHEDULER_SAMPLERS.get((c.scheduler_config or {}).get("_class_name"), "ddim")
+    scheduler_class = (c.scheduler_config or {}).get("_class_name")
+    if scheduler_class not in SCHEDULER_SAMPLERS:
+        sd_schedulers.Scheduler.from_config(c.scheduler_config or {})  # an unknown class: the error names the known
+        warnings.warn(f"{scheduler_class} has no ldm_jax sampler of its own: the imported run's previews use "
+                      "dpm_solver++ (config sampler.name); LatentDiffusionPipeline.from_diffusers_dir runs "
+                      f"{scheduler_class} exactly", stacklevel=2)
+    sampler = SCHEDULER_SAMPLERS.get(scheduler_class, "dpm_solver++")
     config.sampler.update(name=sampler, num_steps=50, guidance_scale=7.5, guidance_rescale=0.0, eta=0.0,
                           spacing=spacing)
     config.optim.update(lr=1e-5, warmup_steps=0, ema_decay=0.9999)

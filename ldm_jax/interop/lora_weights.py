@@ -6,12 +6,15 @@ peft-adapted models (diffusers 0.42, peft 0.21; checked against it in tests/inte
 
     unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight   [r, in]
     unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight   [out, r]
-    text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight                    (transformers 5 names)
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight
 
 with the safetensors metadata ``{"format": "pt", "lora_adapter_metadata": JSON}``, whose keys are
 peft ``LoraConfig`` fields prefixed by the network (``"unet.r"``, ``"unet.lora_alpha"``,
 ``"unet.target_modules"``, ...): diffusers builds each network's LoraConfig from them, so the scale
-alpha / r survives the round trip.
+alpha / r survives the round trip. Text-encoder keys carry transformers 4's ``text_model.`` (what
+save_lora_weights writes with transformers 4, and the Hub's files hold); diffusers with transformers
+5, which itself writes them without it, reads them the same (checked), and the target_modules
+(transformers 5's names, ``encoder.layers.0.self_attn.q_proj``) end both versions' module names.
 
 Read: that format (with or without metadata: without, alpha = r, diffusers' convention), diffusers'
 older ``.lora.down.weight`` / ``.lora.up.weight`` / ``.lora_linear_layer.{down,up}.weight`` keys,
@@ -103,8 +106,9 @@ def lora_state_dict(adapters: Mapping[str, Mapping], alpha: float | None = None,
             a_t, b_t = a.T, b.T  # [r, in], [out, r] as torch.nn.Linear weights
             if _is_conv(params, network, path, name):
                 a_t, b_t = a_t[:, :, None, None], b_t[:, :, None, None]
-            state[f"{PREFIXES[network]}{name}.lora_A.weight"] = np.ascontiguousarray(a_t)
-            state[f"{PREFIXES[network]}{name}.lora_B.weight"] = np.ascontiguousarray(b_t)
+            key = f"{PREFIXES[network]}{'text_model.' if network == 'text_encoder' else ''}{name}"
+            state[f"{key}.lora_A.weight"] = np.ascontiguousarray(a_t)
+            state[f"{key}.lora_B.weight"] = np.ascontiguousarray(b_t)
             names.append(name)
             ranks[name] = a.shape[1]
         r = collections.Counter(ranks.values()).most_common(1)[0][0]

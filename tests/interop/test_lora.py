@@ -140,7 +140,7 @@ def test_export_samples_the_same_in_diffusers(ours, folder, z_T, tmp_path):
     assert file == tmp_path / "pytorch_lora_weights.safetensors"
     keys = set(load_safetensors(file))
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in keys
-    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight" in keys
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in keys  # as transformers 4's
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     base = diffusers_latents(pipe, z_T)

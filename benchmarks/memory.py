@@ -159,9 +159,12 @@ def table(rows, ram: int | None) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_step_flags(parser)
-    parser.add_argument("--image_size", type=int, default=None, help="image size for every size (default: the size's own)")
-    parser.add_argument("--lora", type=int, default=None, metavar="R", help="measure the LoRA step with rank-R adapters")
-    parser.add_argument("--lora_targets", default=",".join(LORA_TARGETS), help="the adapted layers (peft's target_modules)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="image size for every size (default: the size's own)")
+    parser.add_argument("--lora", type=int, default=None, metavar="R",
+                        help="measure the LoRA step with rank-R adapters")
+    parser.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                        help="the adapted layers (peft's target_modules)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, e.g. unet.query_chunk_size=1024 (repeatable)")
     args = parser.parse_args(argv)

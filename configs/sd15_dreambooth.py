@@ -22,8 +22,12 @@ prior preservation, leave class_prompt out of both commands. The run's end write
 runs/my_dog/lora/pytorch_lora_weights.safetensors (diffusers' `pipe.load_lora_weights`, or
 `python -m ldm_jax.sample --pretrained /models/stable-diffusion-v1-5 --lora runs/my_dog/lora
 --prompt "a photo of sks dog on the beach"`). Full DreamBooth (the whole UNet): import the folder
-as a workdir (`python -m ldm_jax.convert --from_diffusers /models/stable-diffusion-v1-5 --to_workdir
-runs/my_dog_full`) and train it with the same data and dreambooth overrides.
+as a workdir, whose first start may still choose its data and the dreambooth keys:
+
+    python -m ldm_jax.convert --from_diffusers /models/stable-diffusion-v1-5 --to_workdir runs/my_dog_full
+    python -m ldm_jax.train --config runs/my_dog_full/config.py --workdir runs/my_dog_full \
+        --config.data.options.folder=~/data/my_dog_dreambooth --config.data.options.test_fraction=0.0 \
+        --config.dreambooth.class_prompt="a photo of a dog" --config.train.steps=800
 """
 import pathlib
 

@@ -282,10 +282,10 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]
 
 def check_resume(workdir: str, config, effective: dict, also: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
     """The differences between the run's effective stored config and `config` if all of them
-    may change on resume (see RESUMABLE, plus the keys in `also`); else RunConfigError naming
-    each other one. Nothing is written."""
+    may change on resume (see RESUMABLE, plus the keys or fnmatch patterns in `also`); else
+    RunConfigError naming each other one. Nothing is written."""
     diffs = config_differences(effective, config_as_json(config))
-    refused = [d for d in diffs if not resumable(d[0]) and d[0] not in also]
+    refused = [d for d in diffs if not resumable(d[0]) and not any(fnmatch.fnmatchcase(d[0], p) for p in also)]
     if refused:
         listed = "; ".join(f"{k}: stored {o!r}, given {n!r}" for k, o, n in refused)
         raise RunConfigError(

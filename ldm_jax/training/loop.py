@@ -350,8 +350,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config_lib.validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     resuming = os.path.isfile(os.path.join(workdir, run_record.CONFIG_FILE))
-    # Stage 1 may train longer only while no diffusion step has used its latents.
-    also = () if checkpoint_steps(workdir, "ldm") else ("autoencoder.steps",)
+    also = resume_also(workdir)
     if resuming:
         run_record.check_resume(workdir, config, run_record.load(workdir), also)
     elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
@@ -385,6 +384,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     checkpoint_steps(workdir, stage) for stage in ("autoencoder", "ldm")):
                 _remove_new_files(workdir, before, created)  # a first start that failed leaves no run behind
             raise
+
+
+# What an imported model (`convert --from_diffusers`: a diffusion checkpoint at step 0, nothing trained
+# yet) may still be given on its first start: the data it fine-tunes on and DreamBooth's prior
+# preservation (configs/sd15_dreambooth.py, full fine-tuning).
+IMPORT_CHOICES = ("data.*", "dreambooth.*")
+
+
+def resume_also(workdir: str) -> tuple[str, ...]:
+    """The keys (fnmatch patterns) that may change on resume besides run_record.RESUMABLE: stage 1
+    may train longer only while no diffusion step has used its latents; an imported, untrained model
+    may still choose its data (IMPORT_CHOICES)."""
+    steps = checkpoint_steps(workdir, "ldm")
+    if not steps:
+        return ("autoencoder.steps",)
+    return IMPORT_CHOICES if steps == [0] else ()
 
 
 def _files(folder: str) -> set[str]:

@@ -80,3 +80,26 @@ def test_prior_preservation_weighs_the_class_images():
     config.dreambooth.prior_loss_weight = -1.0
     with pytest.raises(ValueError, match="dreambooth.prior_loss_weight=-1.0 must be a number >= 0"):
         config_lib.validate(config)
+
+
+def test_an_imported_model_chooses_its_data_before_it_trains(tmp_path):
+    """Full DreamBooth: a folder imported as a workdir (convert --from_diffusers, a checkpoint at step
+    0) may be started with other data and dreambooth keys (what configs/sd15_dreambooth.py's docstring
+    does); once a step has trained they are fixed, and the model's keys always are."""
+    pytest.importorskip("diffusers")
+    from ldm_jax.runs import run_record
+    from ldm_jax.training import loop
+    from ldm_jax.training.diffusers_runs import diffusers_to_workdir
+    from tests.interop.test_lora import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(str(tmp_path / "sd"), safe_serialization=True)
+    workdir = diffusers_to_workdir(str(tmp_path / "sd"), str(tmp_path / "run"))
+    overrides = ["data.options.folder=/data/my_dog_dreambooth", "dreambooth.class_prompt='a photo of a dog'"]
+    config = config_lib.load_config(os.path.join(workdir, "config.py"), overrides)
+    diffs = run_record.check_resume(workdir, config, run_record.load(workdir), loop.resume_also(workdir))
+    assert {key for key, _, _ in diffs} == {"data.options.folder", "dreambooth.class_prompt"}
+    config.unet.layers_per_block = 2
+    with pytest.raises(run_record.RunConfigError, match="unet.layers_per_block"):
+        run_record.check_resume(workdir, config, run_record.load(workdir), loop.resume_also(workdir))
+    os.makedirs(os.path.join(workdir, "checkpoints", "ldm", "100"))  # a trained step
+    assert loop.resume_also(workdir) == ()

@@ -11,6 +11,7 @@ import pytest
 from ldm_jax.evaluation import runner
 from ldm_jax.evaluation.run import EvalOptions, MetricUnavailable
 from ldm_jax.pipeline import LatentDiffusionPipeline
+from ldm_jax.runs import run_record
 from ldm_jax.training import diffusers_runs, loop
 from tests.training.tiny import TINY_UNET, cheap_compilation, tiny_config
 
@@ -39,7 +40,7 @@ def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
     assert summary["status"] == "done"
     with open(os.path.join(workdir, "config.json")) as f:
         stored = json.load(f)
-    assert stored["diffusion"]["process"] == "flow" and stored["config_version"] == 4
+    assert stored["diffusion"]["process"] == "flow" and stored["config_version"] == run_record.CONFIG_VERSION
 
     pipe = LatentDiffusionPipeline.from_workdir(workdir)
     assert pipe.model.process.name == "flow" and pipe.model.process.shift == 2.0

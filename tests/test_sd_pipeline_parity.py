@@ -106,7 +106,6 @@ def _our_step_noise(seed, shape, num_evaluations):
 TEXT_CASES = {
     "sd15_pndm": ("sd15", None, {}, 0.0),
     "sd21_ddim_v_rescale": ("sd21", None, {}, 0.7),
-    "sd15_dpm++_2m_karras": ("sd15", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, 0.0),
     "sd15_euler_a": ("sd15", "EulerAncestralDiscreteScheduler", {}, 0.0),
     "sd21_heun": ("sd21", "HeunDiscreteScheduler", {}, 0.0),
     "sd15_euler_karras": ("sd15", "EulerDiscreteScheduler", {"use_karras_sigmas": True}, 0.0),

@@ -44,6 +44,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "sampling seed (image i of a split uses seed + i)")
     flags.DEFINE_integer("bpd_examples", 64, "held-out examples for bpd (each costs T model calls)")
     flags.DEFINE_integer("bpd_batch_size", 16, "examples per compiled bpd batch")
+    flags.DEFINE_integer("ode_steps", 100, "ode_bpd's Heun steps through the probability-flow ODE")
     flags.DEFINE_string("inception_weights", None, "FID Inception-v3 weights (.safetensors / .npz / .pth)")
     flags.DEFINE_string("clip_model", None, "a local transformers CLIP checkpoint folder, for clip_score")
     flags.DEFINE_list("sweep_samplers", None, "quality vs steps: samplers (with --sweep_steps)")
@@ -59,7 +60,8 @@ def options_from_flags():
                        guidance=FLAGS.guidance, spacing=FLAGS.spacing, num_samples=FLAGS.num_samples,
                        splits=tuple(FLAGS.splits) if FLAGS.splits else None, batch_size=FLAGS.batch_size,
                        seed=FLAGS.seed, bpd_examples=FLAGS.bpd_examples, bpd_batch_size=FLAGS.bpd_batch_size,
-                       inception_weights=FLAGS.inception_weights, clip_model=FLAGS.clip_model,
+                       ode_steps=FLAGS.ode_steps, inception_weights=FLAGS.inception_weights,
+                       clip_model=FLAGS.clip_model,
                        diversity_samples=FLAGS.diversity_samples, progress=FLAGS.progress)
 
 

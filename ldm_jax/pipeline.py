@@ -34,7 +34,7 @@ from ldm_jax.generation import OUTPUT_TYPES, RELAY as _RELAY, Program, images_in
 from ldm_jax.ldm import LatentDiffusion, make_conditioning
 from ldm_jax.ldm.sources import from_workdir as load_workdir_model
 from ldm_jax.runtime import sharding
-from ldm_jax.runtime.xla_options import compiler_options
+from ldm_jax.runtime import xla_options
 
 # ldm_jax's own sampler closest to a diffusers scheduler class: what a run imported from a folder
 # (training/diffusers_runs.py) samples its previews with. The pipeline itself runs the folder's
@@ -91,7 +91,7 @@ class LatentDiffusionPipeline:
         noise_schedule = schedules.make_schedule(kwargs.pop("name"), kwargs.pop("num_timesteps"), **kwargs)
         self.model = dataclasses.replace(self.model, schedule=noise_schedule, prediction=schedule["prediction"])
         self.trace_count = 0  # traces of the generation program (tests assert it does not grow)
-        self._jitted = jax.jit(self._run, static_argnames="program", compiler_options=compiler_options())
+        self._jitted = jax.jit(self._run, static_argnames="program", compiler_options=xla_options.compiler_options())
         self._encode_jit = jax.jit(self.model.encode)
         self._decode_jit = jax.jit(self.model.decode_uint8)
 

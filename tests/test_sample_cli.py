@@ -129,12 +129,11 @@ def _cheap_compilation(monkeypatch) -> dict:
     """Pipelines built from here on compile with XLA:CPU's cheapest settings (tests/training/tiny.py's
     CHEAP_COMPILE: the same arithmetic, compiled in a third of the time); returns the environment
     that gives a subprocess the same settings."""
-    from ldm_jax import pipeline as pipeline_module
     from ldm_jax.runtime import xla_options
     from tests.training.tiny import CHEAP_COMPILE
 
     options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
-    monkeypatch.setattr(pipeline_module, "compiler_options", lambda: dict(options))
+    monkeypatch.setattr(xla_options, "compiler_options", lambda: dict(options))
     flags = " ".join(f"--{k}={str(v).lower()}" for k, v in CHEAP_COMPILE.items())
     return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
 

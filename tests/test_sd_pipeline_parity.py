@@ -19,10 +19,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ldm_jax.diffusion import noise as noise_lib, sd_schedulers  # noqa: E402
-from ldm_jax import pipeline as pipeline_module  # noqa: E402
 from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_jax.runtime import xla_options  # noqa: E402
-from tests.training.tiny import CHEAP_COMPILE  # noqa: E402
+from tests.training.tiny import cheap_programs  # noqa: E402
 from tests.sd_folders import sd_folder_and_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
@@ -37,9 +35,7 @@ def folders(tmp_path_factory):
     """kind -> (our pipeline, diffusers' pipeline) for sd15, sd21 and sd_inpaint. While this
     module runs, the pipelines compile with XLA:CPU's cheapest settings (tests/training/tiny.py's
     CHEAP_COMPILE): the same arithmetic, compiled in a fraction of the time."""
-    with pytest.MonkeyPatch.context() as mp:
-        options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
-        mp.setattr(pipeline_module, "compiler_options", lambda: dict(options))
+    with cheap_programs():
         out = {}
         for kind in ("sd15", "sd21", "sd_inpaint"):
             path, ref = sd_folder_and_pipeline(tmp_path_factory.mktemp(kind) / kind, kind)

@@ -30,7 +30,9 @@ class EvalOptions:
     config; spacing: which timesteps it visits, see `samplers.timesteps`).
     num_samples: generated images per split for the sampling metrics (and real images for fid).
     splits: the dataset splits to evaluate on (default: the config's `eval.splits`).
-    bpd_examples: held-out examples for bpd (each costs T model calls).
+    bpd_examples: held-out examples for bpd (each costs T model calls) and ode_bpd.
+    ode_steps: ode_bpd's solver steps (Heun: two evaluations of the network and its linearisation
+    each; fewer is cheaper and its discretisation error larger).
     diversity_samples: samples per caption for diversity (num_samples // diversity_samples captions).
     """
 
@@ -46,6 +48,7 @@ class EvalOptions:
     seed: int = 0
     bpd_examples: int = 64
     bpd_batch_size: int = 16
+    ode_steps: int = 100
     inception_weights: str | None = None
     clip_model: str | None = None
     progress: bool = False
@@ -55,7 +58,8 @@ class EvalOptions:
 def check_options(options: EvalOptions) -> None:
     """ValueError naming the first option out of range (before any model or data is loaded)."""
     o = options
-    for name in ("num_samples", "batch_size", "bpd_examples", "bpd_batch_size", "diversity_samples"):
+    for name in ("num_samples", "batch_size", "bpd_examples", "bpd_batch_size", "ode_steps",
+                 "diversity_samples"):
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")

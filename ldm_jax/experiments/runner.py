@@ -41,7 +41,8 @@ AUTOENCODER_RUN = "_autoencoder"
 # python -m ldm_jax.evaluate's flags a sweep may set (tests/test_experiments.py checks the list
 # against ldm_jax/evaluate.py).
 EVALUATE_FLAGS = ("step", "ema", "sampler", "steps", "guidance", "spacing", "num_samples", "splits", "batch_size",
-                  "seed", "bpd_examples", "bpd_batch_size", "inception_weights", "clip_model", "diversity_samples")
+                  "seed", "bpd_examples", "bpd_batch_size", "ode_steps", "inception_weights", "clip_model",
+                  "diversity_samples")
 # The flags only sampling metrics read: a metric that draws no samples (bpd, ode_bpd, recon) gives
 # the same result for two evaluations of a run that differ only in these, so it is computed once.
 SAMPLER_FLAGS = ("sampler", "steps", "guidance", "spacing", "num_samples", "batch_size", "diversity_samples")

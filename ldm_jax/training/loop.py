@@ -33,7 +33,7 @@ from ldm_jax.runs.checkpoint import StageCheckpoints, damaged_newest, step_folde
 from ldm_jax.runs.writer import MetricWriter, image_grid, save_png
 from ldm_jax.runtime import sharding
 from ldm_jax.runtime.compilation_cache import enable_compilation_cache
-from ldm_jax.runtime.xla_options import compiler_options
+from ldm_jax.runtime import xla_options
 from ldm_jax.training import autoencoder_stage, end_of_run, ldm_stage
 
 log = logging.getLogger("ldm_jax.train")
@@ -116,7 +116,7 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
         return StageResult(state, "done", meta)
 
     step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)),
-                   compiler_options=compiler_options())
+                   compiler_options=xla_options.compiler_options())
     images_per_step = data.batch_size
     bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a line every 30 s in log files
@@ -255,7 +255,7 @@ def run_ldm(config, workdir, mesh, writer, preemption, ae_params) -> StageResult
     latents = None if finished else _latent_table(config, models, host_frozen["autoencoder"])
 
     # Sample grids of the EMA model: every train.sample_every steps and at the end.
-    sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models), compiler_options=compiler_options())
+    sample_fn = jax.jit(ldm_stage.make_sample_fn(config, models), compiler_options=xla_options.compiler_options())
     grid = models.conditioning.grid(config.train.sample_prompts)
     grid_conditions = ldm_stage.conditions_for(models, prompts=grid)
 

@@ -22,12 +22,10 @@ peft = pytest.importorskip("peft")
 from ldm_jax.interop import lora_weights  # noqa: E402
 from ldm_jax.models import lora  # noqa: E402
 from ldm_jax.models import text_encoder as te  # noqa: E402
-from ldm_jax import pipeline as pipeline_module  # noqa: E402
 from ldm_jax.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_jax.runtime import xla_options  # noqa: E402
 from ldm_jax.runtime.files import load_safetensors  # noqa: E402
 from tests.torch_random import randomize_torch  # noqa: E402
-from tests.training.tiny import CHEAP_COMPILE  # noqa: E402
+from tests.training.tiny import cheap_programs  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red circle"]
 STEPS, GUIDANCE = 3, 3.0
@@ -69,9 +67,7 @@ def folder(tmp_path_factory):
 def ours(folder):
     """Our pipeline of the folder, compiling with XLA:CPU's cheapest settings (CHEAP_COMPILE: the same
     arithmetic in a fraction of the compile time); every with_lora copy shares its program."""
-    with pytest.MonkeyPatch.context() as mp:
-        options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
-        mp.setattr(pipeline_module, "compiler_options", lambda: dict(options))
+    with cheap_programs():
         yield LatentDiffusionPipeline.from_diffusers_dir(str(folder))
 
 

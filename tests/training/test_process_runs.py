@@ -23,9 +23,14 @@ def _trained_run(shapes_dir, tmp_path_factory, name: str, sampler: str, **diffus
     c.diffusion.update(diffusion)
     c.sampler.update(name=sampler, num_steps=2)
     workdir = str(tmp_path_factory.mktemp(name))
+    return workdir, loop.train_and_evaluate(c, workdir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_compilation():
+    """The loop's and the pipelines' programs compile cheaply here (see tests/training/tiny.py)."""
     with cheap_compilation():
-        summary = loop.train_and_evaluate(c, workdir)
-    return workdir, summary
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +74,10 @@ def test_flow_run_trains_samples_measures_and_exports(flow_run, tmp_path):
     with pytest.raises(ValueError, match="with_scheduler sets a discrete-time schedule; this model's process is"):
         pipe.with_scheduler({"_class_name": "DDIMScheduler"})
 
-    options = EvalOptions(splits=("test",), bpd_examples=4, bpd_batch_size=4)
+    options = EvalOptions(splits=("test",), bpd_examples=4, bpd_batch_size=4, ode_steps=4)
     ode = runner.evaluate(workdir, ["ode_bpd"], options)["ode_bpd"]["result"]
     assert ode["process"] == "flow" and np.isfinite(ode["total"]) and ode["estimator_ci95"] > 0
+    assert ode["ode_steps"] == 4
     with pytest.raises(MetricUnavailable, match="'flow' process has no variational bound"):
         runner.evaluate(workdir, ["bpd"], options)
 

@@ -62,27 +62,37 @@ CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 
 
 @contextlib.contextmanager
-def cheap_compilation():
-    """Within: the training loop jits its steps and samplers with CHEAP_COMPILE (over the library's
-    own options), and `jax.random.PRNGKey` makes "rbg" keys, whose parameter initialisation
-    compiles several times faster than threefry's (one RngBitGenerator op per draw instead of
-    threefry's rounds of integer arithmetic). For the end-to-end training tests, which check the
-    loop (stages, checkpoints, resumption, devices), not the machine code or which random stream
-    initialised the weights. On one CPU core, train_and_evaluate(tiny_config) takes 68 CPU-seconds
-    instead of 149."""
-    import jax
-
+def cheap_programs():
+    """Within: the training loop's steps and samplers and the pipelines built here compile with
+    CHEAP_COMPILE over the library's own options (ldm_jax.runtime.xla_options, which both read when
+    they jit). Random streams are untouched: for parity tests, which compare numbers, not code."""
     from ldm_jax.runtime import xla_options
-    from ldm_jax.training import loop
 
     options = {**(xla_options.compiler_options() or {}), **CHEAP_COMPILE}
-    original, impl = loop.compiler_options, jax.config.jax_default_prng_impl
-    loop.compiler_options = lambda: dict(options)
-    jax.config.update("jax_default_prng_impl", "rbg")
+    original = xla_options.compiler_options
+    xla_options.compiler_options = lambda: dict(options)
     try:
         yield
     finally:
-        loop.compiler_options = original
+        xla_options.compiler_options = original
+
+
+@contextlib.contextmanager
+def cheap_compilation():
+    """Within: `cheap_programs`, and `jax.random.PRNGKey` makes "rbg" keys, whose parameter
+    initialisation compiles several times faster than threefry's (one RngBitGenerator op per draw
+    instead of threefry's rounds of integer arithmetic). For the end-to-end training tests, which
+    check the loop (stages, checkpoints, resumption, devices) and what reads its runs, not the
+    machine code or which random stream initialised the weights. On one CPU core,
+    train_and_evaluate(tiny_config) takes 68 CPU-seconds instead of 149."""
+    import jax
+
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        with cheap_programs():
+            yield
+    finally:
         jax.config.update("jax_default_prng_impl", impl)
 
 

@@ -19,7 +19,7 @@ the end:
 - after every kill, the next start resumed from the newest checkpoint on disk (no completed
   checkpoint was lost or skipped).
 
-Prints a table of the kills and exits 1 if any check fails. The tests run it with 3 kills.
+Prints a table of the kills and exits 1 if any check fails. The tests run it with 2 kills (tests/training/test_soak.py).
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def run_stage(name: str, *, config, workdir: str, mesh, writer: MetricWriter | N
             batches.set_state(data_state)
         log.info("%s: resumed from step %d", name, int(state.step))
     else:
-        state = jax.jit(init_fn, out_shardings=shardings)(rng)
+        state = jax.jit(init_fn, out_shardings=shardings, compiler_options=xla_options.compiler_options())(rng)
     meta = meta or {}
     start = int(state.step)
     if writer is not None and not run_record.is_finished(workdir, name, total_steps):

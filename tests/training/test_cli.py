@@ -73,7 +73,7 @@ def test_two_processes_with_two_devices_each(shapes_dir, tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    config = _config_file(tmp_path, shapes_dir)
+    config = _config_file(tmp_path, shapes_dir, **{"eval.splits": ()})  # training and checkpoints only
     workdir = str(tmp_path / "run")
     procs = [_cli(config, workdir, "--coordinator", f"localhost:{port}", "--num_processes", "2",
                   "--process_id", str(i), env=env) for i in range(2)]

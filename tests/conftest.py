@@ -59,31 +59,33 @@ enable_compilation_cache()  # reads LDM_JAX_COMPILATION_CACHE
 import pytest  # noqa: E402
 
 
-# Seconds each of the heaviest files took on the 2-core CI machine (pytest --durations=0, summed
-# per file; 2026-12-03, seed 12345, with --no-loadscope-reorder). Used only to order them, longest first.
+# Seconds each of the heaviest files took on the 2-core development machine (pytest --durations=0,
+# summed per file; 2026-12-06, seed 12345, with --no-loadscope-reorder). Used only to order them, longest first.
 HEAVY_FILES = {
-    "tests/training/test_process_runs.py": 200,
-    "tests/training/test_loop.py": 156,
-    "tests/training/test_stage_paths.py": 145,
-    "tests/test_pipeline.py": 134,
-    "tests/training/test_cli.py": 132,
-    "tests/training/test_sd15_step.py": 110,
-    "tests/training/test_soak.py": 100,
-    "tests/test_experiments.py": 95,
-    "tests/training/test_autoencoder_stage.py": 72,
-    "tests/test_evaluate.py": 62,
-    "tests/ldm/test_model_processes.py": 60,
-    "tests/test_benchmarks.py": 51,
-    "tests/test_convert.py": 47,
-    "tests/notebooks/test_quickstart.py": 45,
-    "tests/diffusion/test_samplers.py": 45,
-    "tests/test_bad_inputs.py": 37,
-    "tests/training/test_lora_step.py": 50,  # 2026-12-06, measured alone on the shared 2-core machine
-    "tests/notebooks/test_stable_diffusion.py": 30,
-    "tests/models/test_unet.py": 32,
-    "tests/models/test_autoencoder.py": 24,
-    "tests/interop/test_diffusers_dir.py": 26,
-    "tests/interop/test_lora.py": 26,  # 2026-12-06, as test_lora_step.py
+    "tests/training/test_loop.py": 135,
+    "tests/training/test_process_runs.py": 129,
+    "tests/training/test_stage_paths.py": 112,
+    "tests/training/test_cli.py": 108,
+    "tests/test_experiments.py": 97,
+    "tests/training/test_sd15_step.py": 96,
+    "tests/training/test_soak.py": 88,
+    "tests/test_evaluate.py": 75,
+    "tests/training/test_autoencoder_stage.py": 73,
+    "tests/test_pipeline.py": 70,
+    "tests/diffusion/test_process_samplers.py": 66,
+    "tests/test_sd_pipeline_parity.py": 65,
+    "tests/ldm/test_model_processes.py": 63,
+    "tests/test_benchmarks.py": 54,
+    "tests/notebooks/test_quickstart.py": 48,
+    "tests/diffusion/test_samplers.py": 48,
+    "tests/test_convert.py": 42,
+    "tests/training/test_lora_step.py": 42,
+    "tests/notebooks/test_diffusion_math.py": 37,
+    "tests/diffusion/test_process_convergence.py": 33,
+    "tests/test_sample_cli.py": 33,
+    "tests/diffusion/test_sd_schedulers.py": 33,
+    "tests/test_bad_inputs.py": 32,
+    "tests/notebooks/test_stable_diffusion.py": 29,
 }
 
 

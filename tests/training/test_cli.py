@@ -44,7 +44,8 @@ def _cli(config_path, workdir, *extra, env=None):
 def test_sigterm_saves_then_exits_cleanly_and_resumes(shapes_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = _config_file(tmp_path, shapes_dir, **{"train.steps": 100_000, "train.log_every": 1,
-                                                     "train.checkpoint_every": 100_000, "eval.splits": ()})
+                                                     "train.checkpoint_every": 100_000, "eval.splits": (),
+                                                     "autoencoder.steps": 2})
     proc = _cli(config, workdir)
     deadline = time.time() + 400
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -59,7 +60,8 @@ def test_sigterm_saves_then_exits_cleanly_and_resumes(shapes_dir, tmp_path):
     step = StageCheckpoints(workdir, "ldm").latest_step()
     assert step is not None and 1 <= step < 100_000
     # No prompt-accuracy sweep after the last step: resuming is under test.
-    resumed = _cli(_config_file(tmp_path, shapes_dir, **{"train.steps": step + 2, "eval.splits": ()}), workdir)
+    resumed = _cli(_config_file(tmp_path, shapes_dir, **{"train.steps": step + 2, "eval.splits": (),
+                                                         "autoencoder.steps": 2}), workdir)
     out = resumed.communicate(timeout=400)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert f"ldm: resumed from step {step}" in out

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")  # the side-by-side scripts need the parity
 pytest.importorskip("diffusers")
 
 import benchmarks.compile as compile_benchmark  # noqa: E402
-from benchmarks import base_run, common, gpu, memory, sampling, train_step  # noqa: E402
+from benchmarks import base_run, common, gpu, memory, pod_plan, sampling, train_step  # noqa: E402
 
 CHEAP_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
              "--xla_cpu_use_fusion_emitters=false")
@@ -143,6 +143,37 @@ def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_pod_plan_smoke(tmp_path, cheap_xla):
+    """The 8-device plan compiles (a worker with 8 fake CPU devices, data 2 x fsdp 4): each device
+    holds a quarter of the state, and XLA gathers the parameters over fsdp (groups of 4) and sums
+    the gradients across devices."""
+    pod_plan.main(["--size", "micro", "--meshes", "2x4", "--image_size", "8", "--batch", "8", "--dtype", "float32",
+                   "--no_remat", "--out", str(tmp_path)])
+    data = read(tmp_path / "pod_plan.json")
+    (row,) = data["rows"]
+    assert (row["devices"], row["data"], row["fsdp"], row["per_device_batch"]) == (8, 2, 4, 1)
+    p, c = row["unet_params"], row["collectives"]
+    # parameters, EMA and two AdamW moments (16 bytes a parameter), split over fsdp: what no
+    # dimension of 4 divides (a few small vectors) stays whole
+    assert 16 * p / 4 <= row["state_bytes"] < 16 * p / 4 * 1.2
+    assert c["all-gather"]["count"] > 0 and c["all-gather"]["groups"].get("4", 0) > 0
+    assert c["all-gather"]["received_bytes"] >= 0.9 * row["zero3"]["param_all_gather"] / 2  # each one gathered
+    assert c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
+    assert row["zero3"]["param_all_gather"] == pytest.approx(2 * 4 * p * 3 / 4)  # forward and backward
+
+
+def test_pod_plan_reads_xla_collectives():
+    """The three spellings of replica groups XLA prints, and the bytes a device receives."""
+    named = ("%ag = f32[16,8]{1,0} all-gather(%c), channel_id=2, replica_groups=mesh['axis_0'=4,'axis_1'=2], "
+             "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}")
+    iota = "%ar = (f32[4]{0}, bf16[2,2]{1,0}) all-reduce(%a, %b), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%s"
+    listed = "%rs = f32[2]{0} reduce-scatter(%x), channel_id=4, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}"
+    out = pod_plan.collectives("\n".join([named, iota, listed, "%d = f32[4]{0} all-gather-done(%ag)"]), 8)
+    assert out["all-gather"] == {"count": 1, "received_bytes": 16 * 8 * 4 * 3 / 4, "groups": {"4": 1}}
+    assert out["all-reduce"] == {"count": 1, "received_bytes": 2 * (16 + 8) / 2, "groups": {"2": 1}}
+    assert out["reduce-scatter"] == {"count": 1, "received_bytes": 8 * 3, "groups": {"4": 1}}
+
+
 @pytest.mark.parametrize("script, argv, message", [
     (train_step, ["--sizes", "tiny,huge"], "--sizes: unknown value 'huge'; allowed: micro, tiny, small, sd15"),
     (train_step, ["--steps", "0"], "--steps=0 must be an integer >= 1"),
@@ -151,6 +182,8 @@ def test_gpu_exits_cleanly_without_a_gpu(tmp_path):
     (compile_benchmark, ["--sizes", ""], "--sizes: empty list"),
     (gpu, ["--batch_sizes", "4,0"], "--batch_sizes: 0 must be a positive integer"),
     (memory, ["--sizes", "tiny,xl"], "--sizes: unknown value 'xl'; allowed: micro, tiny, small, sd15"),
+    (pod_plan, ["--meshes", "2x3x1"], "--meshes entries are DATAxFSDP (e.g. 8x1, 2x4), got '2x3x1'"),
+    (pod_plan, ["--devices", "8", "--batch", "12"], "--batch 12 does not split over 8 devices"),
     (base_run, ["--config.train.steps", "2"], "overrides must be written --config.key=value"),
 ])
 def test_bad_flags_name_the_flag(script, argv, message, capsys):

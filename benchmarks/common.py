@@ -184,6 +184,19 @@ def write_results(name: str, rows: list[dict], settings: dict, out_dir=None, ext
     return path
 
 
+def publish(script, name: str, rows: list[dict], settings: dict, out_dir, argv, title: str, table: str,
+            extra: dict | None = None) -> dict:
+    """The end of a benchmark script: write `<out_dir>/<name>.json` (`write_results`, with the
+    command line of `script` run with `argv`), print `title` with the machine, the markdown `table`
+    and the file's path; returns {"path", "rows"}."""
+    path = write_results(name, rows, settings, out_dir, extra=extra, command=command_line(script, argv))
+    info = json.loads(path.read_text())["machine"]
+    print(f"\n{title}; {machine_line(info)}\n")
+    print(table)
+    print(f"\nwrote {path}")
+    return {"path": str(path), "rows": rows}
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub markdown table; floats with 3 significant digits, None as a dash."""
     def cell(v):

@@ -161,13 +161,9 @@ def main(argv=None) -> dict:
     rows = measure(sizes, args.batch, args.dtype, args.remat, args.min_compile_time_s)
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat,
                     min_compile_time_s=args.min_compile_time_s)
-    path = common.write_results("compile", rows, settings, args.out,
-                                command=common.command_line(__file__, argv))
-    print(f"\nCompile times, {args.dtype}{', remat' if args.remat else ''}, persistent cache cold / warm; "
-          f"{common.machine_line(common.machine_info())}\n")
-    print(table(rows))
-    print(f"\nwrote {path}")
-    return {"path": str(path), "rows": rows}
+    return common.publish(__file__, "compile", rows, settings, args.out, argv,
+                          f"Compile times, {args.dtype}{', remat' if args.remat else ''}, persistent cache cold / "
+                          "warm", table(rows))
 
 
 if __name__ == "__main__":

@@ -188,13 +188,9 @@ def main(argv=None) -> dict:
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat, image_size=args.image_size,
                     lora=args.lora, lora_targets=list(targets) if args.lora else None, overrides=args.set)
     name = "memory" if args.lora is None else "memory_lora"
-    path = common.write_results(name, rows, settings, args.out, extra={"host_ram_bytes": ram},
-                                command=common.command_line(__file__, argv))
-    print(f"\nOne training step's memory (XLA CPU buffer assignment, state donated); "
-          f"{common.machine_line(common.machine_info())}\n")
-    print(table(rows, ram))
-    print(f"\nwrote {path}")
-    return {"path": str(path), "rows": rows}
+    return common.publish(__file__, name, rows, settings, args.out, argv,
+                          "One training step's memory (XLA CPU buffer assignment, state donated)", table(rows, ram),
+                          extra={"host_ram_bytes": ram})
 
 
 if __name__ == "__main__":

@@ -283,12 +283,9 @@ def main(argv=None) -> dict:
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     settings = dict(size=args.size, meshes=[f"{p['data']}x{p['fsdp']}" for p in plans], image_size=args.image_size,
                     batch=args.batch, dtype=args.dtype, remat=not args.no_remat, overrides=args.set)
-    path = common.write_results(args.name, rows, settings, args.out, command=common.command_line(__file__, argv))
-    print(f"\nThe {args.size} training step planned for a pod (XLA CPU SPMD partitioner, fake devices, per device); "
-          f"{common.machine_line(common.machine_info())}\n")
-    print(table(rows))
-    print(f"\nwrote {path}")
-    return {"path": str(path), "rows": rows}
+    return common.publish(__file__, args.name, rows, settings, args.out, argv,
+                          f"The {args.size} training step planned for a pod (XLA CPU SPMD partitioner, fake devices, "
+                          "per device)", table(rows))
 
 
 if __name__ == "__main__":

@@ -222,13 +222,8 @@ def main(argv=None) -> dict:
                         repeats=args.repeats, dtype="float32", torch_threads=torch.get_num_threads())
     finally:
         torch.set_num_threads(previous_threads)
-    path = common.write_results("sampling", rows, settings, args.out,
-                                command=common.command_line(__file__, argv))
-    print(f"\nText -> image, guidance {args.guidance}, float32, median of {args.repeats}; "
-          f"{common.machine_line(common.machine_info())}\n")
-    print(table(rows))
-    print(f"\nwrote {path}")
-    return {"path": str(path), "rows": rows}
+    return common.publish(__file__, "sampling", rows, settings, args.out, argv,
+                          f"Text -> image, guidance {args.guidance}, float32, median of {args.repeats}", table(rows))
 
 
 if __name__ == "__main__":

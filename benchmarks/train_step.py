@@ -332,14 +332,9 @@ def main(argv=None) -> dict:
     rows = measure(sizes, sides, args.steps, args.warmup, args.batch)
     settings = dict(sizes=sizes, sides=sides, steps=args.steps, warmup=args.warmup, batch=args.batch,
                     dtype="float32", threads=_threads())
-    path = common.write_results("train_step", rows, settings, args.out,
-                                command=common.command_line(__file__, argv))
-    info = json.loads(path.read_text())["machine"]
-    print(f"\nOne training step (UNet forward + eps-MSE + backward + clip + AdamW + EMA), float32, "
-          f"median of {args.steps}; {common.machine_line(info)}\n")
-    print(table(rows))
-    print(f"\nwrote {path}")
-    return {"path": str(path), "rows": rows}
+    return common.publish(__file__, "train_step", rows, settings, args.out, argv,
+                          "One training step (UNet forward + eps-MSE + backward + clip + AdamW + EMA), float32, "
+                          f"median of {args.steps}", table(rows))
 
 
 if __name__ == "__main__":

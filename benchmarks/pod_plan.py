@@ -1,7 +1,10 @@
 """A pod, planned by simulation: the SD 1.5 training step compiled for a many-device mesh, on one CPU.
 
-    python benchmarks/pod_plan.py [--devices 8,64] [--meshes 8x1,1x8,2x4,...] [--image_size 512]
-                                  [--batch 256] [--dtype bfloat16] [--remat/--no_remat]
+    python benchmarks/pod_plan.py [--devices 8,64 | --meshes 8x1,2x4,...] [--image_size 512] [--batch 256]
+                                  [--dtype bfloat16] [--no_remat] [--set KEY=VALUE ...] [--size sd15]
+
+README's table: `--devices 8,64 --set unet.query_chunk_size=1024` (attention in query chunks, as
+a GPU's or TPU's fused attention never holds the 4096 x 4096 logits of the 64 x 64 level).
 
 Each plan is one worker process with `--xla_force_host_platform_device_count=N` fake CPU devices:
 the step of benchmarks/memory.py (`common.make_unet_train_step`: eps-MSE, backward, clipping,
@@ -28,8 +31,9 @@ XLA's CPU pipeline has no reduce-scatter pass: it sums the gradients with all-re
 each device's shard out (what TPU and GPU pipelines rewrite into reduce-scatters), so on this
 simulation the gradient traffic is all-reduce traffic and the full gradients are temporaries.
 
-The numbers are the CPU compiler's: a TPU's or GPU's partitioner makes the same collectives from
-the same shardings, but its fusions, layouts and scheduling (and so the temporaries) differ.
+The numbers are the CPU compiler's: a TPU's or GPU's partitioner starts from the same shardings,
+but its collectives (reduce-scatters, above), fusions, layouts and scheduling, and so the
+temporaries, differ.
 Prints a markdown table and writes benchmarks/results/pod_plan.json (`--name`, `--out DIR`). With
 `--batch 32 --set optim.grad_accum=8` on 8 devices the step is one micro-batch of an
 8-step accumulation (global batch 256 per update): results/pod_plan_grad_accum.json.

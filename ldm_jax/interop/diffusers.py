@@ -78,7 +78,7 @@ def text_encoder_from_transformers(torch_text_model, *, dtype=None) -> tuple[CLI
 
 # The diffusers scheduler config -> our schedule mapping lives with the schedulers (diffusion/);
 # re-exported here, where the folder loaders use it.
-from ldm_jax.diffusion.sd_schedulers import (  # noqa: E402, F401
+from ldm_jax.diffusion.sd_scheduler_config import (  # noqa: E402, F401
     SAMPLING_KEYS, schedule_from_scheduler_config, _BETA_SCHEDULES, _PREDICTIONS, _OUR_LINEAR, _OUR_SCALED_LINEAR)
 
 

@@ -32,6 +32,8 @@ from ldm_jax.config.modules import (AUTOENCODER_KINDS, DTYPES, autoencoder_laten
                                     check_arguments, check_losses, compute_dtype, data_config, latent_shape,
                                     likelihood_decoder, make_autoencoder, make_discriminator, module_fields,
                                     text_encoder_kwargs, unet_kwargs, unet_out_channels)
+from ldm_jax.config.fine_tuning import LORA_BASES, check_dreambooth, check_lora  # noqa: F401
+from ldm_jax.config.values import choice as _choice, positive_int as _positive_int, source as _source
 
 # configs/base.py, through a symlink inside the package: a wheel install (no checkout beside it)
 # carries the schema as a regular file (setuptools copies the link's target).
@@ -177,8 +179,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_conditioning(config)
     _check_diffusion(config)
     _check_sampler(config)
-    _check_lora(config)
-    _check_dreambooth(config)
+    check_lora(config)
+    check_dreambooth(config)
     if "ldm" in config.stages:  # the UNet is built only there; its checks use all of the above
         _check_unet(config)
 
@@ -210,27 +212,6 @@ def _check_fields(group, allowed: set[str], path: str) -> None:
         if key not in allowed:
             settable = sorted(k for k in allowed if _join(path, k) not in OWNED_ELSEWHERE)
             raise ValueError(f"unknown key {sub}; allowed: {', '.join(settable)}")
-
-
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
-
-
-def _positive_int(key: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{key}={value!r} must be a positive integer")
-
-
-def _source(key: str, value, allowed) -> None:
-    """'name' or 'prefix:<path>' with a non-empty path."""
-    plain = [a for a in allowed if ":" not in a]
-    prefixes = [a.split(":")[0] + ":" for a in allowed if ":" in a]
-    if value in plain:
-        return
-    if isinstance(value, str) and any(value.startswith(p) and value[len(p):].strip() for p in prefixes):
-        return
-    raise ValueError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
 
 
 def _check_stages(config) -> None:
@@ -466,63 +447,6 @@ def _check_sampler(config) -> None:
     if config.conditioning.kind == "none" and s.guidance_scale != 1.0:
         raise ValueError(f"sampler.guidance_scale={s.guidance_scale} needs a condition, but "
                          "conditioning.kind='none'; set sampler.guidance_scale=1.0")
-
-
-LORA_BASES = ("diffusers:<path>",)
-
-
-def _check_lora(config) -> None:
-    """The `lora` group: its values always; with lora.enabled, that the rest of the config fine-tunes
-    a frozen pretrained model (a pretrained autoencoder and, for text, a frozen pretrained encoder)."""
-    from ldm_jax.models.lora import INITS
-
-    lo = config.lora
-    if not isinstance(lo.enabled, bool):
-        raise ValueError(f"lora.enabled={lo.enabled!r} must be True or False")
-    _positive_int("lora.rank", lo.rank)
-    if isinstance(lo.alpha, bool) or not isinstance(lo.alpha, (int, float)) or not lo.alpha > 0:
-        raise ValueError(f"lora.alpha={lo.alpha!r} must be a positive number (the adapters' scale is alpha / rank)")
-    if isinstance(lo.dropout, bool) or not isinstance(lo.dropout, (int, float)) or not 0.0 <= lo.dropout < 1.0:
-        raise ValueError(f"lora.dropout={lo.dropout!r} must be in [0, 1)")
-    _choice("lora.init", lo.init, INITS)
-    if not isinstance(lo.text_encoder, bool):
-        raise ValueError(f"lora.text_encoder={lo.text_encoder!r} must be True or False")
-    for key in ("unet_targets", "text_encoder_targets"):
-        targets = lo[key]
-        if (not isinstance(targets, (tuple, list)) or not targets
-                or any(not isinstance(t, str) or not t.strip() for t in targets)):
-            raise ValueError(f"lora.{key}={targets!r} must be a non-empty list of module names as peft's "
-                             "target_modules, e.g. ('to_q', 'to_k', 'to_v', 'to_out.0') or ('q_proj', 'v_proj')")
-    if not lo.enabled:
-        return
-    _source("lora.base", lo.base, LORA_BASES)
-    if "ldm" not in config.stages:
-        raise ValueError(f"lora.enabled=True trains the diffusion stage: stages={tuple(config.stages)!r} must "
-                         "include 'ldm'")
-    ae = config.autoencoder
-    if ae.kind != "identity" and ae.source == "train":
-        raise ValueError("lora.enabled=True fine-tunes a pretrained model: autoencoder.source must be its "
-                         "autoencoder ('diffusers:<path>', normally lora.base's folder), not 'train'")
-    if config.conditioning.kind == "text" and config.text_encoder.train:
-        raise ValueError("lora.enabled=True trains adapters only: set text_encoder.train=False (lora.text_encoder="
-                         "True puts adapters on the frozen text encoder)")
-    if lo.text_encoder and (config.conditioning.kind != "text" or config.text_encoder.source == "scratch"):
-        raise ValueError("lora.text_encoder=True adapts a pretrained text encoder: it needs conditioning.kind='text' "
-                         "and text_encoder.source='diffusers:<path>'")
-
-
-def _check_dreambooth(config) -> None:
-    d = config.dreambooth
-    w = d.prior_loss_weight
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-        raise ValueError(f"dreambooth.prior_loss_weight={w!r} must be a number >= 0")
-    if d.class_prompt is None:
-        return
-    if not isinstance(d.class_prompt, str) or not d.class_prompt.strip():
-        raise ValueError(f"dreambooth.class_prompt={d.class_prompt!r} must be the class images' caption "
-                         "(e.g. 'a photo of a dog'), or None for no prior preservation")
-    if config.conditioning.kind != "text":
-        raise ValueError(f"dreambooth.class_prompt needs conditioning.kind='text', not {config.conditioning.kind!r}")
 
 
 def _check_optim(o, path: str) -> None:

@@ -165,6 +165,8 @@ CASES = [
           ("--workdir", "{run}", "--metrics", "prompt_accuracy", "--num_samples", "0"), "--num_samples", "positive"),
     _case("evaluate-zero-batch", "ldm_jax.evaluate", ("--workdir", "{run}", "--batch_size", "0"), "--batch_size",
           "positive"),
+    _case("evaluate-zero-ode-steps", "ldm_jax.evaluate",
+          ("--workdir", "{run}", "--metrics", "ode_bpd", "--ode_steps", "0"), "--ode_steps", "positive"),
     _case("evaluate-zero-steps", "ldm_jax.evaluate", ("--workdir", "{run}", "--metrics", "prompt_accuracy",
                                                       "--steps", "0"), "--steps", "positive"),
     _case("evaluate-negative-guidance", "ldm_jax.evaluate", ("--workdir", "{run}", "--metrics", "prompt_accuracy",

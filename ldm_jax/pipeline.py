@@ -33,8 +33,7 @@ from ldm_jax.generation import OUTPUT_TYPES, RELAY as _RELAY, Program, images_in
     run_program  # noqa: F401 (_RELAY: the progress relay, read by tests)
 from ldm_jax.ldm import LatentDiffusion, make_conditioning
 from ldm_jax.ldm.sources import from_workdir as load_workdir_model
-from ldm_jax.runtime import sharding
-from ldm_jax.runtime import xla_options
+from ldm_jax.runtime import sharding, xla_options
 
 # ldm_jax's own sampler closest to a diffusers scheduler class: what a run imported from a folder
 # (training/diffusers_runs.py) samples its previews with. The pipeline itself runs the folder's

@@ -31,9 +31,8 @@ from ldm_jax.ldm import adapters, sources
 from ldm_jax.runs import run_record
 from ldm_jax.runs.checkpoint import StageCheckpoints, damaged_newest, step_folders
 from ldm_jax.runs.writer import MetricWriter, image_grid, save_png
-from ldm_jax.runtime import sharding
+from ldm_jax.runtime import sharding, xla_options
 from ldm_jax.runtime.compilation_cache import enable_compilation_cache
-from ldm_jax.runtime import xla_options
 from ldm_jax.training import autoencoder_stage, end_of_run, ldm_stage
 
 log = logging.getLogger("ldm_jax.train")

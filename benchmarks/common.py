@@ -324,7 +324,10 @@ def param_count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def make_unet_train_step(config, unet):
+UPDATES = ("fused", "optax")  # make_unet_train_step's update paths
+
+
+def make_unet_train_step(config, unet, update: str = "fused"):
     """train_step(state, batch) -> (state, metrics): one LDM training step on given latents and
     text context, built from the training code's parts (ldm_stage's schedule, timestep sampler and
     optimiser, losses.make_loss_fn, state.apply_gradients: clipping, AdamW, EMA, the non-finite
@@ -334,6 +337,8 @@ def make_unet_train_step(config, unet):
     the reference training script's default. t and the noise are `unet_step_draws(config, state,
     latents)`. `batch = {"latents": [B, h, w, c], "context": [B, L, D]}`; `state.params = {"unet":
     ...}`. Jit it with `donate_argnums=0`, as the training loop does.
+    `update="optax"` applies optax's chain (`optim.AdamW.chain`) leaf by leaf instead of the fused
+    update the loop uses (`optim.AdamW.apply`; the same state either way), to measure the difference.
     """
     import jax
     import jax.numpy as jnp
@@ -347,6 +352,10 @@ def make_unet_train_step(config, unet):
     loss_fn = losses.make_loss_fn(schedule, objective="simple", prediction=d.prediction, variance=d.variance,
                                   weighting="none")
     tx = ldm_stage.optimizer_from_config(config)
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; allowed: {', '.join(UPDATES)}")
+    if update == "optax":
+        tx = getattr(tx, "chain", tx)
 
     def train_step(state, batch):
         z0 = batch["latents"]

@@ -11,6 +11,8 @@ donated, as the loop jits it. `compiled.memory_analysis()` then gives what the s
   written into the same buffers (XLA's alias size equals it), so it is not counted twice;
 * XLA temporaries: everything else live at the step's peak (activations kept for the backward
   pass, gradients, the optimiser's intermediates, layout copies);
+  the per-array update of the sharded configs (sd15) is the loop's fused AdamW (`optim.AdamW.apply`);
+  `--update optax` measures optax's chain instead, and `--xla KEY=VALUE` adds a compiler option;
 * step peak = state + temporaries, against the floor any implementation of the same step needs:
   5 x the parameters' float32 bytes (parameters, gradients, two moments, EMA), which is what
   PyTorch's eager AdamW + EMAModel holds plus its activations.
@@ -53,7 +55,8 @@ def host_ram_bytes() -> int | None:
 
 
 def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: int | None = None,
-            lora_rank: int | None = None, lora_targets=LORA_TARGETS, overrides=()) -> dict:
+            lora_rank: int | None = None, lora_targets=LORA_TARGETS, overrides=(), update: str = "fused",
+            xla=()) -> dict:
     """Compile `size`'s training step (or its LoRA step, `lora_rank`) from abstract shapes; XLA's
     memory analysis of it."""
     import jax
@@ -80,12 +83,13 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: i
     batch_shapes = {"latents": jax.ShapeDtypeStruct((b, *latent), jnp.float32),
                     "context": jax.ShapeDtypeStruct((b, *context), jnp.float32)}
     if lora_rank is None:
-        step, args = common.make_unet_train_step(config, unet), (state, batch_shapes)
+        step, args = common.make_unet_train_step(config, unet, update), (state, batch_shapes)
     else:
         step = make_lora_train_step(config, unet, scale=1.0)  # alpha = rank, as configs/sd15_lora.py
         args = (state, batch_shapes, abstract)
     start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0, compiler_options=compiler_options()).lower(*args).compile()
+    options = {**(compiler_options() or {}), **dict(x.split("=", 1) for x in xla)}
+    compiled = jax.jit(step, donate_argnums=0, compiler_options=options or None).lower(*args).compile()
     compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
     n_params = common.param_count(abstract)
@@ -96,7 +100,7 @@ def analyse(size: str, batch: int | None, dtype: str, remat: bool, image_size: i
                 unet_params=n_params, state_bytes=state_b, temp_bytes=temp_b,
                 alias_bytes=int(m.alias_size_in_bytes), peak_bytes=state_b + temp_b, floor_bytes=floor,
                 peak_over_floor=(state_b + temp_b) / floor, compile_s=compile_s,
-                overrides=list(overrides),
+                overrides=list(overrides), update="flat" if flat else update, xla_options=list(xla),
                 **({} if lora_rank is None else dict(lora_rank=lora_rank, lora_targets=list(lora_targets),
                                                      lora_params=n_trained)))
 
@@ -147,11 +151,14 @@ def table(rows, ram: int | None) -> str:
     for r in rows:
         fits = "-" if ram is None else ("yes" if r["peak_bytes"] < ram else "no")
         trained = f" (LoRA r{r['lora_rank']}: {r['lora_params'] / 1e6:.2f}M trained)" if "lora_rank" in r else ""
+        settings = [*r.get("overrides", []), *r.get("xla_options", [])]
         lines.append([r["size"], r["batch"], "x".join(map(str, r["latents"])), r["dtype"] + (" remat" if r["remat"] else ""),
+                      r.get("update", "-"), ", ".join(settings) or "-",
                       f"{r['unet_params'] / 1e6:.2f}M{trained}", r["state_bytes"] / GIB, r["temp_bytes"] / GIB,
                       r["peak_bytes"] / GIB, r["floor_bytes"] / GIB, r["peak_over_floor"], fits])
     return common.markdown_table(
-        ["size", "batch", "latents", "activations", "UNet params", "arguments (GiB)", "XLA temporaries (GiB)",
+        ["size", "batch", "latents", "activations", "update", "settings", "UNet params", "arguments (GiB)",
+         "XLA temporaries (GiB)",
          "step peak (GiB)", "floor (GiB)", "peak / floor",
          f"fits in {ram / GIB:.0f} GiB RAM" if ram else "fits in RAM"], lines)
 
@@ -167,6 +174,13 @@ def main(argv=None) -> dict:
                         help="the adapted layers (peft's target_modules)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, e.g. unet.query_chunk_size=1024 (repeatable)")
+    parser.add_argument("--update", default="fused", choices=common.UPDATES,
+                        help="the tree update (sharded configs, sd15): the loop's fused AdamW (optim.AdamW.apply) "
+                             "or optax's chain as it is; the small sizes update one raveled vector either way")
+    parser.add_argument("--xla", action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA compiler option on top of the loop's, e.g. "
+                             "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED (repeatable)")
+    parser.add_argument("--name", default=None, help="the results file's name (default memory / memory_lora)")
     args = parser.parse_args(argv)
     try:
         sizes = common.sizes_and_batch(args)
@@ -174,6 +188,9 @@ def main(argv=None) -> dict:
             if getattr(args, flag) is not None:
                 common.check_positive(f"--{flag}", getattr(args, flag))
         targets = tuple(common.parse_list(args.lora_targets, "--lora_targets"))
+        for option in args.xla:
+            if "=" not in option:
+                raise ValueError(f"--xla {option!r}: expected KEY=VALUE, e.g. xla_cpu_scheduler_type=...")
     except ValueError as e:
         parser.error(str(e))
     rows = []
@@ -181,13 +198,14 @@ def main(argv=None) -> dict:
         print(f"memory: {size} ...", file=sys.stderr, flush=True)
         try:
             rows.append(analyse(size, args.batch, args.dtype, args.remat, args.image_size, args.lora, targets,
-                                args.set))
+                                args.set, args.update, args.xla))
         except ValueError as e:  # a --lora_targets entry that matches no layer, a bad --set
             parser.error(f"--sizes {size}: {e}")
     ram = host_ram_bytes()
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat, image_size=args.image_size,
-                    lora=args.lora, lora_targets=list(targets) if args.lora else None, overrides=args.set)
-    name = "memory" if args.lora is None else "memory_lora"
+                    lora=args.lora, lora_targets=list(targets) if args.lora else None, overrides=args.set,
+                    update=args.update, xla=args.xla)
+    name = args.name or ("memory" if args.lora is None else "memory_lora")
     return common.publish(__file__, name, rows, settings, args.out, argv,
                           "One training step's memory (XLA CPU buffer assignment, state donated)", table(rows, ram),
                           extra={"host_ram_bytes": ram})

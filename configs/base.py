@@ -91,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
                      guidance_rescale=0.0, spacing="trailing")
 
     c.optim = dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.0, b1=0.9,
-                   b2=0.999, eps=1e-8, grad_clip=1.0, grad_accum=1, ema_decay=0.999)
+                   b2=0.999, eps=1e-8, grad_clip=1.0, grad_accum=1, ema_decay=0.999,
+                   mu_dtype="float32")  # "bfloat16": AdamW's first moment stored in 2 bytes (optax's mu_dtype)
 
     c.train = dict(
         steps=1600, log_every=50, checkpoint_every=500, sample_every=1000, keep_checkpoints=2,

@@ -116,6 +116,7 @@ def test_memory_smoke(tmp_path):
     assert row["temp_bytes"] > 4 * row["unet_params"]  # at least the gradients
     assert row["peak_bytes"] == row["state_bytes"] + row["temp_bytes"]
     assert row["floor_bytes"] == 20 * row["unet_params"]
+    assert (row["update"], row["xla_options"]) == ("flat", [])  # replicated parameters: one raveled vector
 
 
 def test_memory_lora_smoke(tmp_path):
@@ -182,6 +183,7 @@ def test_pod_plan_reads_xla_collectives():
     (compile_benchmark, ["--sizes", ""], "--sizes: empty list"),
     (gpu, ["--batch_sizes", "4,0"], "--batch_sizes: 0 must be a positive integer"),
     (memory, ["--sizes", "tiny,xl"], "--sizes: unknown value 'xl'; allowed: micro, tiny, small, sd15"),
+    (memory, ["--xla", "xla_cpu_scheduler_type"], "--xla 'xla_cpu_scheduler_type': expected KEY=VALUE"),
     (pod_plan, ["--meshes", "2x3x1"], "--meshes entries are DATAxFSDP (e.g. 8x1, 2x4), got '2x3x1'"),
     (pod_plan, ["--devices", "8", "--batch", "12"], "--batch 12 does not split over 8 devices"),
     (base_run, ["--config.train.steps", "2"], "overrides must be written --config.key=value"),

@@ -25,7 +25,7 @@ from ldm_jax.diffusion import gaussian, losses, processes, samplers, schedules, 
 from ldm_jax.models.autoencoder import AutoencoderKL, PatchDiscriminator, VQAutoencoder
 from ldm_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 from ldm_jax.models.unet import DOWN_BLOCK_TYPES, UNet, UP_BLOCK_TYPES
-from ldm_jax.optim import LR_SCHEDULES
+from ldm_jax.optim import LR_SCHEDULES, MU_DTYPES
 from ldm_jax.runtime.files import no_bytecode
 # The modules a config describes (re-exported: config.unet_kwargs(config), config.data_config(config), ...).
 from ldm_jax.config.modules import (AUTOENCODER_KINDS, DTYPES, autoencoder_latent_shape,  # noqa: F401
@@ -457,6 +457,8 @@ def _check_optim(o, path: str) -> None:
         raise ValueError(f"{path}.warmup_steps={o.warmup_steps} must be >= 0")
     if "grad_accum" in o:
         _positive_int(f"{path}.grad_accum", o.grad_accum)
+    if "mu_dtype" in o:
+        _choice(f"{path}.mu_dtype", o.mu_dtype, MU_DTYPES)
     if "ema_decay" in o and not 0.0 <= o.ema_decay < 1.0:
         raise ValueError(f"{path}.ema_decay={o.ema_decay} must be in [0, 1)")
 

@@ -34,7 +34,7 @@ LOCK_FILE = "train.lock"
 PROGRESS_FILE = "progress.json"
 
 # Version 1: config.json as written until 2026-12 (no "config_version" key). Version 2 adds the key.
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 
 
 class Convert:
@@ -73,6 +73,10 @@ MIGRATIONS = {
                  "unet_targets": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": False,
                  "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
         "dreambooth": {"class_prompt": None, "prior_loss_weight": 1.0},
+    },
+    5: {
+        # AdamW's first moment was float32.
+        "optim.mu_dtype": "float32",
     },
 }
 

@@ -39,7 +39,7 @@ def optimizer_from_config(config):
     o = config.optim
     return optim.make_optimizer(lr=o.lr, total_steps=config.train.steps, warmup_steps=o.warmup_steps,
                                 schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                eps=o.eps, grad_clip=o.grad_clip, grad_accum=o.grad_accum)
+                                eps=o.eps, grad_clip=o.grad_clip, grad_accum=o.grad_accum, mu_dtype=o.mu_dtype)
 
 
 def make_timestep_sampler(config):

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from ldm_jax import optim
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -135,6 +137,9 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
         return _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra,
                            discriminator)
     finite = all_finite(loss, grads)
+    if isinstance(tx, optim.AdamW):  # the same update, fused leaf by leaf
+        return _apply_fused(state, grads, tx, decay, finite, trainable, fixed, ema_trainable, ema_fixed, extra,
+                            discriminator)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)  # no NaN into optax
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -164,6 +169,32 @@ def _skipped(state: TrainState) -> TrainState:
     )
 
 
+def _apply_fused(state, grads, tx, decay, finite, trainable, fixed, ema_trainable, ema_fixed, extra, discriminator):
+    """apply_gradients through `optim.AdamW.apply`: the tree update's arithmetic without the copies
+    of whole trees XLA makes of optax's chain (see optim.AdamW)."""
+    trainable, opt_state, ema_trainable, grad_norm = tx.apply(grads, state.opt_state, trainable, ema_trainable,
+                                                              decay, finite)
+    return _counted(state, finite).replace(
+        params=merge_params(trainable, fixed),
+        ema_params=merge_params(ema_trainable, ema_fixed),
+        opt_state=opt_state,
+        extra=select_tree(finite, state.extra if extra is None else extra, state.extra),
+        discriminator=select_tree(finite, state.discriminator if discriminator is None else discriminator,
+                                  state.discriminator),
+    ), {"grad_norm": grad_norm, "finite": finite}
+
+
+def _counted(state: TrainState, finite) -> TrainState:
+    """`state` with the step and the non-finite counters moved on, the update taken or not."""
+    skipped = _skipped(state)
+    return state.replace(
+        step=state.step + 1,
+        nonfinite=skipped.nonfinite - finite.astype(jnp.int32),
+        nonfinite_streak=jnp.where(finite, 0, skipped.nonfinite_streak),
+        max_nonfinite_streak=jnp.where(finite, state.max_nonfinite_streak, skipped.max_nonfinite_streak),
+    )
+
+
 def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, ema_fixed, extra, discriminator):
     """apply_gradients on the raveled parameters (TrainState.flat): the same arithmetic, with
     the update, the EMA and the skip select as single-vector ops."""
@@ -174,12 +205,7 @@ def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, 
     updates, opt_state = tx.update(g, state.opt_state, p)
     new_p = jnp.where(finite, p + updates, p)
     new_e = jnp.where(finite, decay * e + (1.0 - decay) * new_p, e)
-    skipped = _skipped(state)
-    new_state = state.replace(
-        step=state.step + 1,
-        nonfinite=skipped.nonfinite - finite.astype(jnp.int32),
-        nonfinite_streak=jnp.where(finite, 0, skipped.nonfinite_streak),
-        max_nonfinite_streak=jnp.where(finite, state.max_nonfinite_streak, skipped.max_nonfinite_streak),
+    new_state = _counted(state, finite).replace(
         params=merge_params(unravel(new_p), fixed),
         ema_params=merge_params(unravel(new_e), ema_fixed),
         opt_state=select_tree(finite, opt_state, state.opt_state),

@@ -122,7 +122,8 @@ def test_unknown_names_list_the_allowed_values(key, value, allowed):
 BAD = {  # id: (mutation of base, substrings the message must contain)
     # unknown or misplaced keys
     "unet_unknown_field": (_set("unet.foo", 1), ["unet.foo", "block_out_channels", "cross_attention_dim"]),
-    "optim_unknown_key": (_set("optim.learning_rate", 1e-4), ["optim.learning_rate", "lr, schedule"]),
+    "optim_unknown_key": (_set("optim.learning_rate", 1e-4), ["optim.learning_rate", "lr, mu_dtype, schedule"]),
+    "optim_mu_dtype": (_set("optim.mu_dtype", "float16"), ["optim.mu_dtype", "float16", "'float32', 'bfloat16'"]),
     "text_model_unknown_field": (_set("text_encoder.model.hidden", 8), ["text_encoder.model.hidden", "hidden_size"]),
     "autoencoder_model_unknown_field": (_set("autoencoder.model.foo", 1), ["autoencoder.model", "foo"]),
     "disc_unknown_field": (_set("autoencoder.disc.layers", 3), ["autoencoder.disc.layers", "n_layers"]),

@@ -50,9 +50,13 @@ def read(path):
 
 
 def test_train_step_smoke(tmp_path, cheap_xla):
-    train_step.main(["--sizes", "micro", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    from benchmarks import flops
+
+    train_step.main(["--sizes", "micro", "--steps", "2", "--warmup", "1", "--matmul_sizes", "256",
+                     "--out", str(tmp_path)])
     data = read(tmp_path / "train_step.json")
     assert data["benchmark"] == "train_step" and data["settings"]["steps"] == 2
+    assert data["settings"]["matmul_sizes"] == [256]
     (row,) = data["rows"]
     assert (row["size"], row["batch"], row["latents"]) == ("micro", 2, [8, 8, 4])
     ours, ref = row["ldm_jax"], row["diffusers"]
@@ -72,6 +76,16 @@ def test_train_step_smoke(tmp_path, cheap_xla):
         assert r["step_s"] > 0 and r["peak_rss_mib"] > 0
     assert ours["finite"] and ours["compile_s"] > 0 and ours["compiled_flops"] > 0
     assert row["time_ratio"] == pytest.approx(ours["step_s"] / ref["step_s"])
+    # FLOPs: the analytic count is the lowered step's dots and convolutions exactly; XLA's whole count
+    # adds the elementwise ops. Each side's rate is read against its own library's matmul peak.
+    assert row["model_flops"] == flops.train_step_flops(common.size_config("micro")) == ours["xla_matmul_flops"]
+    assert row["xla_over_model"] == 1.0 and row["model_flops"] < ours["lowered_flops"]
+    peaks = data["matmul_peak_flops_per_s"]
+    for side, r in (("ldm_jax", ours), ("diffusers", ref)):
+        assert peaks[side] > 0 and r["matmul_peak_flops_per_s"] == peaks[side]
+        assert r["flops_per_s"] == pytest.approx(row["model_flops"] / r["step_s"])
+        assert r["peak_fraction"] == pytest.approx(r["flops_per_s"] / peaks[side])
+        assert r["cpu_peak_fraction"] == pytest.approx(r["flops_per_s"] / max(peaks.values()))
 
 
 def test_sampling_smoke(tmp_path):

@@ -51,11 +51,10 @@ class AdamW:
     which both moments and the update read; the updates; copies of donated moments that a later
     fusion reads after an earlier one overwrote them): 5.3 GiB at SD 1.5's 859.5M parameters on top
     of the gradients (benchmarks/memory.py). `apply` recomputes the clipped gradient inside each
-    fusion that reads it and puts an optimisation barrier between the passes (the second moment;
-    then the first moment and the parameters; then the EMA), so each pass reads only what the one
-    before wrote in place. Its arithmetic is
-    optax's, op for op; the results agree to a few float32 ulps, not bitwise, because XLA's CPU code
-    contracts a multiply and an add into one FMA in some fusions and not in others
+    fusion that reads it and puts an optimisation barrier between the passes (both moments; then
+    the parameters; then the EMA), so each pass reads only what the one before wrote in place. Its
+    arithmetic is optax's, op for op; the results agree to float32 rounding, not bitwise, because
+    XLA's CPU code contracts a multiply and an add into one FMA in some fusions and not in others
     (tests/training/test_state.py).
     """
 

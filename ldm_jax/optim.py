@@ -29,9 +29,9 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0, schedu
                    mu_dtype: str = "float32") -> optax.GradientTransformation:
     """AdamW with the schedule above, clipped by global norm; `grad_accum` > 1 averages that many
     micro-batches' gradients before each update (optax.MultiSteps; the schedule counts updates).
-    `mu_dtype` is the first moment's storage: "float32", or "bfloat16" (optax's mu_dtype: the update
-    reads the new moment at full precision, the state keeps it rounded; 2 bytes a parameter
-    less)."""
+    `mu_dtype` is the first moment's storage: "float32", or "bfloat16" (optax's mu_dtype, 2 bytes a
+    parameter less; optax's update reads the new moment before rounding it, `AdamW.apply` reads
+    the rounded one)."""
     if mu_dtype not in MU_DTYPES:
         raise ValueError(f"unknown optim.mu_dtype {mu_dtype!r}; allowed: {', '.join(MU_DTYPES)}")
     tx = AdamW(schedule=learning_rate_schedule(lr, warmup_steps, total_steps, schedule), b1=b1, b2=b2, eps=eps,
@@ -44,15 +44,16 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0, schedu
 class AdamW:
     """`make_optimizer`'s transformation: optax's chain(clip_by_global_norm, adamw), used as one
     (`init` / `update` are the chain's, and so is the state), plus `apply`, which computes the same
-    update leaf by leaf in three passes so that the step's peak holds the gradients and nothing more
+    update leaf by leaf in two passes so that the step's peak holds the gradients and nothing more
     of the parameters' size (with no gradient accumulation: optax.MultiSteps wraps the chain).
 
     Through optax, XLA keeps whole trees alive between the chain's stages (the clipped gradients,
     which both moments and the update read; the updates; copies of donated moments that a later
     fusion reads after an earlier one overwrote them): 5.3 GiB at SD 1.5's 859.5M parameters on top
     of the gradients (benchmarks/memory.py). `apply` recomputes the clipped gradient inside each
-    fusion that reads it and puts an optimisation barrier between the passes (both moments; then
-    the parameters; then the EMA), so each pass reads only what the one before wrote in place. Its
+    fusion that reads it and puts an optimisation barrier after each pass (both moments; then
+    the parameters, which training/state.py's EMA reads), so each pass reads only what the one
+    before wrote in place. Its
     arithmetic is optax's, op for op; the results agree to float32 rounding, not bitwise, because
     XLA's CPU code contracts a multiply and an add into one FMA in some fusions and not in others
     (tests/training/test_state.py).
@@ -72,10 +73,9 @@ class AdamW:
     def update(self, updates, state, params=None):
         return self.chain.update(updates, state, params)
 
-    def apply(self, grads, state, params, ema, ema_decay, finite):
-        """(params, state, ema, grad_norm) after one step on `grads`; every output is its input
-        where `finite` is false. The EMA is ema_decay * ema + (1 - ema_decay) * params, after the
-        update, as training/state.py's."""
+    def apply(self, grads, state, params, finite):
+        """(params, state, grad_norm) after one step on `grads`; every output is its input where
+        `finite` is false."""
         adam_state, decay_state, lr_state = state[-1]
         # Where `finite` holds, the gradients are what optax would see; where not, every output is
         # its input, so unlike the tree update the gradients need no zeroing (which would make
@@ -121,10 +121,7 @@ class AdamW:
             return jax.lax.optimization_barrier(keep(jnp.asarray(p + u).astype(p.dtype), p))
 
         params = jax.tree.map(parameter, params, mu, nu)
-        # pass 3: the EMA of the new parameters
-        ema = jax.tree.map(lambda e, p: keep(ema_decay * e + (1.0 - ema_decay) * p, e), ema, params)
         adam_state = adam_state._replace(count=keep(count, adam_state.count), mu=mu, nu=nu)
         lr_state = lr_state._replace(count=keep(optax.safe_increment(lr_state.count), lr_state.count))
         state = (*state[:-1], (adam_state, decay_state, lr_state))
-        return params, state, ema, jnp.where(finite, g_norm, 0.0)
-
+        return params, state, jnp.where(finite, g_norm, 0.0)

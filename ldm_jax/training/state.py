@@ -172,8 +172,8 @@ def _skipped(state: TrainState) -> TrainState:
 def _apply_fused(state, grads, tx, decay, finite, trainable, fixed, ema_trainable, ema_fixed, extra, discriminator):
     """apply_gradients through `optim.AdamW.apply`: the tree update's arithmetic without the copies
     of whole trees XLA makes of optax's chain (see optim.AdamW)."""
-    trainable, opt_state, ema_trainable, grad_norm = tx.apply(grads, state.opt_state, trainable, ema_trainable,
-                                                              decay, finite)
+    trainable, opt_state, grad_norm = tx.apply(grads, state.opt_state, trainable, finite)
+    ema_trainable = jax.tree.map(lambda e, p: _ema_step(e, p, decay, finite), ema_trainable, trainable)
     return _counted(state, finite).replace(
         params=merge_params(trainable, fixed),
         ema_params=merge_params(ema_trainable, ema_fixed),
@@ -182,6 +182,11 @@ def _apply_fused(state, grads, tx, decay, finite, trainable, fixed, ema_trainabl
         discriminator=select_tree(finite, state.discriminator if discriminator is None else discriminator,
                                   state.discriminator),
     ), {"grad_norm": grad_norm, "finite": finite}
+
+
+def _ema_step(ema, params, decay, finite):
+    """The EMA after an update to `params`, kept as it was where `finite` is false."""
+    return jnp.where(finite, decay * ema + (1.0 - decay) * params, ema)
 
 
 def _counted(state: TrainState, finite) -> TrainState:
@@ -204,7 +209,7 @@ def _apply_flat(state, grads, loss, tx, decay, trainable, fixed, ema_trainable, 
     g = jnp.where(finite, g, 0.0)  # no NaN into optax
     updates, opt_state = tx.update(g, state.opt_state, p)
     new_p = jnp.where(finite, p + updates, p)
-    new_e = jnp.where(finite, decay * e + (1.0 - decay) * new_p, e)
+    new_e = _ema_step(e, new_p, decay, finite)
     new_state = _counted(state, finite).replace(
         params=merge_params(unravel(new_p), fixed),
         ema_params=merge_params(unravel(new_e), ema_fixed),

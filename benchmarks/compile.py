@@ -2,6 +2,7 @@
 persistent compilation cache cold and warm.
 
     python benchmarks/compile.py [--sizes tiny,small,sd15] [--batch N] [--dtype float32] [--remat]
+                                 [--set KEY=VALUE ...] [--name compile]
 
 Two programs, exactly as the training loop compiles them (`ldm_jax/training/loop.py`):
 
@@ -23,7 +24,10 @@ to compile are stored (the "warm cache hits" column says whether the warm run fo
 Sizes are `common.size_config` (float32, no remat unless `--dtype bfloat16 --remat`, as
 configs/sd15.py trains).
 
-Prints a markdown table and writes benchmarks/results/compile.json (or `--out DIR`).
+`--set` overrides the sizes' configs as on the training command line (`--set unet.scan_layers=True`:
+the UNet's repeated layers as loops); `--name` names the results file.
+
+Prints a markdown table and writes benchmarks/results/compile.json (or `--out DIR`, `--name`).
 """
 from __future__ import annotations
 
@@ -93,7 +97,8 @@ def worker(spec: dict) -> dict:
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kwargs: events.update([event]))
-    config = common.size_config(spec["size"], batch=spec.get("batch"), dtype=spec["dtype"], remat=spec["remat"])
+    config = common.size_config(spec["size"], batch=spec.get("batch"), dtype=spec["dtype"], remat=spec["remat"],
+                                overrides=spec.get("overrides", ()))
     models = ldm_stage.build_models(config)
     state, batch, frozen, cond, key = abstract_inputs(config, models)
     train = jax.jit(ldm_stage.make_train_step(config, models), donate_argnums=0, compiler_options=compiler_options())
@@ -104,17 +109,18 @@ def worker(spec: dict) -> dict:
             "cache_files": sum(len(files) for _, _, files in os.walk(spec["cache_dir"]))}
 
 
-def measure(sizes, batch: int | None, dtype: str, remat: bool, min_compile_time_s: float = 1.0) -> list[dict]:
+def measure(sizes, batch: int | None, dtype: str, remat: bool, min_compile_time_s: float = 1.0,
+            overrides=()) -> list[dict]:
     rows = []
     for size in sizes:
-        config = common.size_config(size, batch=batch, dtype=dtype, remat=remat)
+        config = common.size_config(size, batch=batch, dtype=dtype, remat=remat, overrides=overrides)
         row = {"size": size, "batch": config.data.batch_size, "image_size": config.data.image_size}
         cache_dir = tempfile.mkdtemp(prefix=f"ldm_jax_compile_cache_{size}_")
         try:
             for mode in MODES:  # cold fills the fresh folder, warm reads it
                 print(f"compile: {size} / {mode} ...", file=sys.stderr, flush=True)
                 spec = {"size": size, "batch": batch, "dtype": dtype, "remat": remat, "cache_dir": cache_dir,
-                        "mode": mode, "min_compile_time_s": min_compile_time_s}
+                        "mode": mode, "min_compile_time_s": min_compile_time_s, "overrides": list(overrides)}
                 try:
                     row[mode] = common.run_worker(__file__, spec)
                 except RuntimeError as e:
@@ -148,6 +154,9 @@ def main(argv=None) -> dict:
     common.add_step_flags(parser)
     parser.add_argument("--min_compile_time_s", type=float, default=1.0,
                         help="programs that compile faster are not cached (the training loop's 1.0; 0: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. unet.scan_layers=True (repeatable)")
+    parser.add_argument("--name", default="compile", help="the results file's name")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one process's compiles
     args = parser.parse_args(argv)
     if args.worker:
@@ -156,12 +165,14 @@ def main(argv=None) -> dict:
         return {}
     try:
         sizes = common.sizes_and_batch(args)
+        for size in sizes:  # a bad --set fails here, before any worker starts
+            common.size_config(size, batch=args.batch, dtype=args.dtype, remat=args.remat, overrides=args.set)
     except ValueError as e:
         parser.error(str(e))
-    rows = measure(sizes, args.batch, args.dtype, args.remat, args.min_compile_time_s)
+    rows = measure(sizes, args.batch, args.dtype, args.remat, args.min_compile_time_s, args.set)
     settings = dict(sizes=sizes, batch=args.batch, dtype=args.dtype, remat=args.remat,
-                    min_compile_time_s=args.min_compile_time_s)
-    return common.publish(__file__, "compile", rows, settings, args.out, argv,
+                    min_compile_time_s=args.min_compile_time_s, overrides=args.set)
+    return common.publish(__file__, args.name, rows, settings, args.out, argv,
                           f"Compile times, {args.dtype}{', remat' if args.remat else ''}, persistent cache cold / "
                           "warm", table(rows))
 

@@ -32,6 +32,9 @@ def check_lora(config) -> None:
     if not lo.enabled:
         return
     _source("lora.base", lo.base, LORA_BASES)
+    if config.unet.get("scan_layers", False):
+        raise ValueError("lora.enabled=True adapts the UNet's layers one by one: set unet.scan_layers=False "
+                         "(scanned layers are applied as one loop body, which the adapters cannot reach)")
     if "ldm" not in config.stages:
         raise ValueError(f"lora.enabled=True trains the diffusion stage: stages={tuple(config.stages)!r} must "
                          "include 'ldm'")

@@ -216,6 +216,34 @@ class BasicTransformerBlock(nn.Module):
         return x
 
 
+_DEFAULT = object()  # "no parent given": the module binds to the one being defined, as usual
+
+
+def scan_layers(module: nn.Module, names, fn, carry, xs=None, remat: bool = False, outputs: bool = False):
+    """Apply the identical layers `names` (submodules of `module`, in order) as one `lax.scan`.
+
+    `fn(params, carry, x) -> carry` applies one layer, with `params` its parameter subtree (for a
+    dict of names per layer, {key: that name's subtree}) and `x` that layer's slice of `xs` (a
+    pytree stacked on a leading axis of len(names), or None). With `outputs`, `fn` returns
+    (carry, y) and the result is (carry, the y's stacked). The parameter tree is the unrolled layers' own: the
+    subtrees are stacked for the length of the call, so checkpoints, diffusers weights and LoRA
+    paths do not change; XLA compiles one layer instead of len(names). `remat` checkpoints each
+    layer (as `nn.remat` does the unrolled ones). Call it in apply only: in init the layers must
+    run unrolled, so that their parameters are created.
+    """
+    params = module.variables["params"]
+
+    def subtree(name):
+        return {k: params[n] for k, n in name.items()} if isinstance(name, dict) else params[name]
+
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[subtree(n) for n in names])
+    step = jax.checkpoint(fn) if remat else fn
+    if outputs:
+        return jax.lax.scan(lambda c, px: step(px[0], c, px[1]), carry, (stacked, xs))
+    carry, _ = jax.lax.scan(lambda c, px: (step(px[0], c, px[1]), None), carry, (stacked, xs))
+    return carry
+
+
 class SpatialTransformer(nn.Module):
     """diffusers ``Transformer2DModel`` (continuous input): GroupNorm, ``proj_in``, N blocks,
     ``proj_out``, residual. Projections are 1x1 convs, or Linear when ``use_linear_projection``."""
@@ -226,6 +254,7 @@ class SpatialTransformer(nn.Module):
     norm_num_groups: int = 32
     implementation: AttentionImpl = None
     query_chunk_size: int | None = None
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -239,11 +268,19 @@ class SpatialTransformer(nn.Module):
         # diffusers hard-codes eps=1e-6 for this norm.
         h = group_norm(self.norm_num_groups, 1e-6, self.dtype, self.param_dtype, "norm")(x)
         h = proj(inner, "proj_in")(h).reshape(b, hh * ww, inner)
-        for i in range(self.depth):
-            h = BasicTransformerBlock(self.heads, self.dim_head,
-                                      implementation=self.implementation,
-                                      query_chunk_size=self.query_chunk_size,
-                                      name=f"transformer_blocks_{i}", **kw)(h, context)
+        block = lambda name, parent=_DEFAULT: BasicTransformerBlock(  # noqa: E731
+            self.heads, self.dim_head, implementation=self.implementation,
+            query_chunk_size=self.query_chunk_size, name=name, **kw,
+            **({} if parent is _DEFAULT else {"parent": parent}))
+        names = [f"transformer_blocks_{i}" for i in range(self.depth)]
+        if self.scan_layers and self.depth > 1 and not self.is_initializing():
+            # One compiled block for all of them: the blocks' parameters (their tree unchanged)
+            # are stacked on a new leading axis for the length of the call.
+            body = block(None, parent=None)
+            h = scan_layers(self, names, lambda p, carry, _: body.apply({"params": p}, carry, context), h)
+        else:
+            for name in names:
+                h = block(name)(h, context)
         h = proj(c, "proj_out")(h.reshape(b, hh, ww, inner))
         return h + x
 

@@ -168,6 +168,11 @@ def adapted(adapters: Mapping[str, Mapping], scale: float = 1.0, *, dropout: flo
         module = context.module
         if module.path == ():  # the root module of an apply: note which network it is
             roots.append(next((n for n, cls in NETWORKS.items() if isinstance(module, cls)), None))
+            if roots[-1] in by_network and getattr(module, "scan_layers", False):
+                roots.pop()
+                raise ValueError(f"LoRA adapters on a {type(module).__name__} with "
+                                 "scan_layers=True: the scanned layers run as one loop body the adapters cannot "
+                                 "reach; apply it with scan_layers=False (the parameter tree is the same)")
             ran.add(roots[-1])
             try:
                 return next_fun(*args, **kwargs)

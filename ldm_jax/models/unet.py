@@ -12,12 +12,23 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import (AttentionImpl, Downsample, ResnetBlock, SpatialTransformer,
-                                   TimestepEmbedding, Upsample, group_norm, timestep_embedding)
+                                   TimestepEmbedding, Upsample, group_norm, scan_layers,
+                                   timestep_embedding)
 
 Dtype = Any
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _runs(keys) -> list[range]:
+    """The maximal runs of equal consecutive entries of `keys`, as index ranges."""
+    runs, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            runs.append(range(start, i))
+            start = i
+    return runs
 
 
 def _per_level(value, n: int, key: str) -> tuple:
@@ -43,6 +54,7 @@ class _BlockConfig(nn.Module):
     attention_implementation: AttentionImpl = None
     query_chunk_size: int | None = None
     remat: bool = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -51,14 +63,60 @@ class _BlockConfig(nn.Module):
         return cls(self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    def transformer(self, name):
-        cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
+    def transformer(self, name, **kw):
+        cls = nn.remat(SpatialTransformer) if self.remat and not kw else SpatialTransformer
         return cls(self.heads, self.out_channels // self.heads, depth=self.transformer_depth,
                    use_linear_projection=self.use_linear_projection,
                    norm_num_groups=self.norm_num_groups,
                    implementation=self.attention_implementation,
-                   query_chunk_size=self.query_chunk_size,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                   query_chunk_size=self.query_chunk_size, scan_layers=self.scan_layers,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+
+    def layers(self, x, temb, context, train, skips=None):
+        """The block's `num_layers` (resnet [+ transformer]) layers, each fed one skip tensor
+        (concatenated on channels, hidden first) when `skips` is given (the up blocks).
+        Returns the output and each layer's output.
+
+        With `scan_layers` (in apply), each run of consecutive layers whose inputs have the same
+        shape, hence parameters of the same shapes, is one `lax.scan` (`layers.scan_layers`): XLA
+        compiles one layer a run. Not with dropout in training (the unrolled layers draw their
+        own masks).
+        """
+        n = self.num_layers
+        if skips is None:
+            widths = [x.shape[-1]] + [self.out_channels] * (n - 1)
+        else:
+            widths = [(x.shape[-1] if i == 0 else self.out_channels) + skips[i].shape[-1] for i in range(n)]
+        scan = self.scan_layers and not self.is_initializing() and not (train and self.dropout > 0)
+        outs = []
+        for run in (_runs(widths) if scan else [range(i, i + 1) for i in range(n)]):
+            if len(run) == 1:
+                i = run[0]
+                if skips is not None:
+                    x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
+                x = self.resnet(f"resnets_{i}")(x, temb, train)
+                if self.cross_attention:
+                    x = self.transformer(f"attentions_{i}")(x, context)
+                outs.append(x)
+                continue
+            resnet = ResnetBlock(self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+            attention = self.transformer(None, parent=None) if self.cross_attention else None
+
+            def layer(p, h, skip, resnet=resnet, attention=attention):
+                if skip is not None:
+                    h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+                h = resnet.apply({"params": p["resnets"]}, h, temb, train)
+                if attention is not None:
+                    h = attention.apply({"params": p["attentions"]}, h, context)
+                return h, h
+
+            names = [{"resnets": f"resnets_{i}", **({"attentions": f"attentions_{i}"} if self.cross_attention else {})}
+                     for i in run]
+            xs = None if skips is None else jnp.stack([skips[i] for i in run])
+            x, ys = scan_layers(self, names, layer, x, xs, remat=self.remat, outputs=True)
+            outs += [ys[k] for k in range(len(run))]
+        return x, outs
 
 
 class DownBlock(_BlockConfig):
@@ -68,12 +126,7 @@ class DownBlock(_BlockConfig):
 
     @nn.compact
     def __call__(self, x, temb, context, train: bool = False):
-        skips = []
-        for i in range(self.num_layers):
-            x = self.resnet(f"resnets_{i}")(x, temb, train)
-            if self.cross_attention:
-                x = self.transformer(f"attentions_{i}")(x, context)
-            skips.append(x)
+        x, skips = self.layers(x, temb, context, train)
         if self.add_downsample:
             x = Downsample(self.out_channels, padding=1, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="downsamplers_0")(x)
@@ -100,11 +153,7 @@ class UpBlock(_BlockConfig):
 
     @nn.compact
     def __call__(self, x, skips, temb, context, train: bool = False):
-        for i in range(self.num_layers):
-            x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-            x = self.resnet(f"resnets_{i}")(x, temb, train)
-            if self.cross_attention:
-                x = self.transformer(f"attentions_{i}")(x, context)
+        x, _ = self.layers(x, temb, context, train, skips=[skips.pop() for _ in range(self.num_layers)])
         if self.add_upsample:
             x = Upsample(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="upsamplers_0")(x)
@@ -143,6 +192,9 @@ class UNet(nn.Module):
     attention_implementation: AttentionImpl = None  # None | "xla" | "cudnn"
     query_chunk_size: int | None = None  # chunked (memory-efficient) attention when set
     remat: bool = False
+    # Repeated layers as lax.scan (compile once, run n times; the parameter tree is unchanged):
+    # a block's runs of same-shaped (resnet, transformer) layers and a transformer's blocks.
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -179,7 +231,8 @@ class UNet(nn.Module):
         block_kw = dict(norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
                         dropout=self.dropout, use_linear_projection=self.use_linear_projection,
                         attention_implementation=self.attention_implementation,
-                        query_chunk_size=self.query_chunk_size, remat=self.remat, **kw)
+                        query_chunk_size=self.query_chunk_size, remat=self.remat,
+                        scan_layers=self.scan_layers, **kw)
 
         # Time (and class) embedding.
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))

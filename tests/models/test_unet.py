@@ -105,3 +105,49 @@ def test_class_labels_required_when_class_conditional():
     with pytest.raises(ValueError, match="class_labels"):
         jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
                        jnp.zeros((1,)), jnp.zeros((1, 5, 16)))
+
+
+# One level (no resampling: the compiles stay short) with runs of same-shaped layers: down (8 -> 8
+# channels, 2 layers), up (3 layers, all eating 8 + 8 channels), transformers two blocks deep.
+SCANNED = dict(TINY, block_out_channels=(8,), layers_per_block=2, norm_num_groups=4,
+               down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+               transformer_layers_per_block=2)
+
+
+def test_scan_layers_is_the_unrolled_model(tiny):
+    """unet.scan_layers compiles each run of same-shaped layers once (a while loop, fewer
+    convolutions in the program) and computes what the unrolled layers compute, with the same
+    parameter tree, forward and backward (to float32 rounding: the loop body fuses differently),
+    rematerialised as the training configs run it."""
+    x, t, ctx = tiny["x"], tiny["t"], tiny["ctx"]
+    params = random_params(UNet(**SCANNED), x, t, ctx)
+    scanned_shapes = jax.eval_shape(lambda: UNet(**SCANNED, scan_layers=True).init(jax.random.PRNGKey(0), x, t, ctx))
+    assert jax.tree.structure(scanned_shapes["params"]) == jax.tree.structure(params)
+
+    def run(scan):
+        unet = UNet(**SCANNED, remat=True, scan_layers=scan)
+        fn = jax.jit(jax.value_and_grad(lambda p: jnp.mean(unet.apply({"params": p}, x, t, ctx, train=True) ** 2)))
+        hlo = fn.lower(params).as_text()
+        return fn(params), hlo.count("stablehlo.while"), hlo.count("stablehlo.convolution")
+    (l0, g0), loops0, convs0 = run(False)
+    (l1, g1), loops1, convs1 = run(True)
+    assert loops0 == 0 and loops1 > 0 and convs1 < convs0, (loops0, loops1, convs0, convs1)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert jax.tree.structure(g0) == jax.tree.structure(g1)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(jnp.abs(a).max()))
+    assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 0
+
+
+def test_lora_refuses_scanned_layers(tiny):
+    # The scanned layers run as one loop body, out of the adapters' reach: an error, not silent misses.
+    from ldm_jax.models import lora
+
+    x, t, ctx = tiny["x"], tiny["t"], tiny["ctx"]
+    params = jax.eval_shape(lambda: UNet(**SCANNED).init(jax.random.PRNGKey(0), x, t, ctx))["params"]
+    q = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    adapters = {"unet": {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {"attn1": {"to_q": {
+        "A": jnp.zeros((q.shape[0], 2)), "B": jnp.zeros((2, q.shape[1]))}}}}}}}
+    with pytest.raises(ValueError, match="scan_layers=True"):
+        with lora.adapted(adapters):
+            jax.eval_shape(lambda p: UNet(**SCANNED, scan_layers=True).apply({"params": p}, x, t, ctx), params)

@@ -47,6 +47,7 @@ def test_sd15_lora_config_adapts_the_attention_projections():
     ("lora.base", "/models/sd15", "lora.base='/models/sd15' is not allowed; allowed: 'diffusers:<path>'"),
     ("text_encoder.train", True, "set text_encoder.train=False"),
     ("autoencoder.source", "train", "autoencoder.source must be its autoencoder"),
+    ("unet.scan_layers", True, "set unet.scan_layers=False"),
 ])
 def test_bad_lora_keys_are_named(key, value, message):
     config = config_lib.load_config(f"{ROOT}/configs/sd15_lora.py")

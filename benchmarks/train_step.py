@@ -1,7 +1,7 @@
 """One LDM training step, ldm_jax (jit, float32) against diffusers + PyTorch (float32), on CPU.
 
     python benchmarks/train_step.py [--sizes tiny,small,sd15] [--steps 10] [--warmup 2] [--batch N]
-                                    [--matmul_sizes 2048,4096]
+                                    [--matmul_sizes 2048,4096] [--xla KEY=VALUE ...] [--name train_step]
 
 Both sides train the same UNet architecture (diffusers' `UNet2DConditionModel` is built from our
 config through `interop.unet_weights.unet_config_from_kwargs`; the parameter counts are checked
@@ -115,8 +115,9 @@ def jax_worker(spec: dict) -> dict:
     # again before the parameters, moments and EMA take theirs (SD 1.5: 12.8 GiB of state).
     abstract_state = jax.eval_shape(lambda p: common.init_unet_train_state(config, unet, p), abstract)
     start = time.perf_counter()
+    options = {**(compiler_options() or {}), **dict(x.split("=", 1) for x in spec.get("xla", ()))}
     lowered = jax.jit(common.make_unet_train_step(config, unet), donate_argnums=0,
-                      compiler_options=compiler_options()).lower(abstract_state, batch)
+                      compiler_options=options or None).lower(abstract_state, batch)
     step = lowered.compile()
     compile_s = time.perf_counter() - start
     xla_flops = dict(xla_matmul_flops=sum(flops.xla_matmul_flops(lowered).values()),
@@ -301,7 +302,8 @@ def add_flop_rates(row: dict, peaks: dict) -> None:
         row["xla_over_model"] = ours["xla_matmul_flops"] / row["model_flops"]
 
 
-def measure(sizes, sides, steps: int, warmup: int, batch: int | None, peaks: dict | None = None) -> list[dict]:
+def measure(sizes, sides, steps: int, warmup: int, batch: int | None, peaks: dict | None = None,
+            xla=()) -> list[dict]:
     """One row per size: each side's worker result (or {"error": ...}), the parity check's relative
     differences, the time ratio, the step's model FLOPs and each side's FLOP/s against `peaks`
     (`measure_peaks`). RuntimeError when the two sides do not compute the same step."""
@@ -318,7 +320,7 @@ def measure(sizes, sides, steps: int, warmup: int, batch: int | None, peaks: dic
             for side in (s for s in SIDES if s in sides):  # ldm_jax first: it writes the parity inputs
                 spec = {"side": side, "size": size, "batch": batch, "steps": steps, "warmup": warmup}
                 if side == "ldm_jax":
-                    spec["parity_dir"] = parity_dir
+                    spec.update(parity_dir=parity_dir, xla=list(xla))
                 else:
                     spec.update(torch_spec(config))
                     if "error" not in row.get("ldm_jax", {"error": "not run"}):
@@ -386,6 +388,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--matmul_sizes", default=",".join(map(str, flops.PEAK_SIZES)),
                         help="square float32 matmuls of each side's peak (the best rate counts)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--xla", action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA compiler option for ldm_jax's step on top of the loop's "
+                             "(runtime/xla_options.py), e.g. to measure another library split (repeatable)")
+    parser.add_argument("--name", default="train_step", help="the results file's name")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     if args.worker:
@@ -399,14 +405,17 @@ def main(argv=None) -> dict:
         common.check_positive("--steps", args.steps)
         common.check_positive("--warmup", args.warmup, minimum=0)
         matmul_sizes = common.parse_list(args.matmul_sizes, "--matmul_sizes", kind=int)
+        for option in args.xla:
+            if "=" not in option:
+                raise ValueError(f"--xla {option!r}: expected KEY=VALUE, e.g. xla_cpu_scheduler_type=...")
     except ValueError as e:
         parser.error(str(e))
     peaks = measure_peaks(sides, matmul_sizes)
-    rows = measure(sizes, sides, args.steps, args.warmup, args.batch, peaks)
+    rows = measure(sizes, sides, args.steps, args.warmup, args.batch, peaks, args.xla)
     settings = dict(sizes=sizes, sides=sides, steps=args.steps, warmup=args.warmup, batch=args.batch,
-                    dtype="float32", threads=flops.usable_cpus(), matmul_sizes=matmul_sizes)
+                    dtype="float32", threads=flops.usable_cpus(), matmul_sizes=matmul_sizes, xla=args.xla)
     peak_line = ", ".join(f"{side} {p / 1e9:.0f}" if p else f"{side} failed" for side, p in peaks.items())
-    return common.publish(__file__, "train_step", rows, settings, args.out, argv,
+    return common.publish(__file__, args.name, rows, settings, args.out, argv,
                           "One training step (UNet forward + eps-MSE + backward + clip + AdamW + EMA), float32, "
                           f"median of {args.steps}; float32 matmul peak (GFLOP/s): {peak_line}", table(rows),
                           extra={"matmul_peak_flops_per_s": peaks})

@@ -7,12 +7,15 @@ UNet on its latents with a from-scratch CLIP-architecture text encoder, on a 2-c
 
 Expect (benchmarks/results/base_run.json, written by `python benchmarks/base_run.py`, which runs
 this command from a fresh workdir and records the machine, the package versions and the commit):
-on the 2-core CPU (an AMD EPYC), shared with two other training runs at the time, 25:38 wall
-(autoencoder stage 468 s at a median 103 img/s, latent table 25 s, diffusion training 989 s at
-116 img/s, samples and prompt accuracy 33 s), peak RSS 3.4 GiB; autoencoder reconstructions keep
-the captioned shape 98.4% of the time; EMA model prompt accuracy 95.3% on the shapes test split
-(95% interval 92.0-97.3%; colour 100, shape 95.3, position 100) and 94.5% on the held-out
-combinations (91.0-96.7%), with 20-step DPM-Solver++ at guidance 2. The discrete eps + min-SNR
+on a 2-core AMD EPYC without AVX-512, with other benchmarks and tests running beside it part of
+the time, 38:08 wall (autoencoder stage 782 s at a median 60 img/s, latent table 49 s, diffusion
+training 1366 s at 81 img/s, samples and prompt accuracy 39 s), peak RSS 3.1 GiB; autoencoder
+reconstructions keep the captioned shape 99.2% of the time; EMA model prompt accuracy 94.5% on the
+shapes test split (95% interval 91.0-96.7%; colour 100, shape 94.5, position 100) and 94.1% on the
+held-out combinations (90.6-96.4%), with 20-step DPM-Solver++ at guidance 2. Before the CPU
+convolutions moved from YNNPACK to XLA's Eigen kernels (`runtime/xla_options.py`; different
+rounding), the same command gave 95.3% and 94.5% on an AVX-512 EPYC in 25:38
+(results/base_run_ynn_convolutions.json). The discrete eps + min-SNR
 recipe this config had before (configs/base_discrete.py) reached 90.2% and 84.4% with the same
 steps (benchmarks/results/base_discrete_run.json, on an Intel Xeon). The figures are bitwise
 reproducible on one kind of machine; another CPU may differ by a caption or a few (XLA compiles

@@ -331,7 +331,11 @@ def test_class_conditional_run(tmp_path):
     pipe = LatentDiffusionPipeline.from_workdir(make_workdir(tmp_path / "class_run", config))
     assert pipe.conditioning == "class" and "class_embedder" in pipe.params
     images = pipe.text_to_image([0, 1, 2, 0], seed=[5, 5, 5, 5])
-    np.testing.assert_array_equal(images[0], images[3])
+    # Same class and seed, same image. Rows of a batched convolution agree to float rounding, not
+    # bitwise (XLA's Eigen convolution kernels block the batch), so an 8-bit pixel may round the
+    # other way; another class moves the pixels by far more.
+    same = np.abs(images[0].astype(int) - images[3])
+    assert same.max() <= 1 and same.mean() < 0.01, (same.max(), same.mean())
     assert np.abs(images[0].astype(int) - images[1]).mean() > 0.5
     with pytest.raises(ValueError, match="outside \\[0, 3\\)"):
         pipe.text_to_image([3])

@@ -216,16 +216,13 @@ class BasicTransformerBlock(nn.Module):
         return x
 
 
-_DEFAULT = object()  # "no parent given": the module binds to the one being defined, as usual
-
-
-def scan_layers(module: nn.Module, names, fn, carry, xs=None, remat: bool = False, outputs: bool = False):
+def scan_layers(module: nn.Module, names, fn, carry, xs=None, remat: bool = False):
     """Apply the identical layers `names` (submodules of `module`, in order) as one `lax.scan`.
 
-    `fn(params, carry, x) -> carry` applies one layer, with `params` its parameter subtree (for a
-    dict of names per layer, {key: that name's subtree}) and `x` that layer's slice of `xs` (a
-    pytree stacked on a leading axis of len(names), or None). With `outputs`, `fn` returns
-    (carry, y) and the result is (carry, the y's stacked). The parameter tree is the unrolled layers' own: the
+    `fn(params, carry, x) -> (carry, y)` applies one layer, with `params` its parameter subtree
+    (for a dict of names per layer, {key: that name's subtree}) and `x` that layer's slice of `xs`
+    (a pytree stacked on a leading axis of len(names), or None); the result is (carry, the y's
+    stacked), as `lax.scan`'s. The parameter tree is the unrolled layers' own: the
     subtrees are stacked for the length of the call, so checkpoints, diffusers weights and LoRA
     paths do not change; XLA compiles one layer instead of len(names). `remat` checkpoints each
     layer (as `nn.remat` does the unrolled ones). Call it in apply only: in init the layers must
@@ -238,10 +235,7 @@ def scan_layers(module: nn.Module, names, fn, carry, xs=None, remat: bool = Fals
 
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[subtree(n) for n in names])
     step = jax.checkpoint(fn) if remat else fn
-    if outputs:
-        return jax.lax.scan(lambda c, px: step(px[0], c, px[1]), carry, (stacked, xs))
-    carry, _ = jax.lax.scan(lambda c, px: (step(px[0], c, px[1]), None), carry, (stacked, xs))
-    return carry
+    return jax.lax.scan(lambda c, px: step(px[0], c, px[1]), carry, (stacked, xs))
 
 
 class SpatialTransformer(nn.Module):
@@ -268,19 +262,18 @@ class SpatialTransformer(nn.Module):
         # diffusers hard-codes eps=1e-6 for this norm.
         h = group_norm(self.norm_num_groups, 1e-6, self.dtype, self.param_dtype, "norm")(x)
         h = proj(inner, "proj_in")(h).reshape(b, hh * ww, inner)
-        block = lambda name, parent=_DEFAULT: BasicTransformerBlock(  # noqa: E731
+        block = lambda **where: BasicTransformerBlock(  # noqa: E731
             self.heads, self.dim_head, implementation=self.implementation,
-            query_chunk_size=self.query_chunk_size, name=name, **kw,
-            **({} if parent is _DEFAULT else {"parent": parent}))
+            query_chunk_size=self.query_chunk_size, **kw, **where)
         names = [f"transformer_blocks_{i}" for i in range(self.depth)]
         if self.scan_layers and self.depth > 1 and not self.is_initializing():
             # One compiled block for all of them: the blocks' parameters (their tree unchanged)
             # are stacked on a new leading axis for the length of the call.
-            body = block(None, parent=None)
-            h = scan_layers(self, names, lambda p, carry, _: body.apply({"params": p}, carry, context), h)
+            body = block(parent=None)
+            h, _ = scan_layers(self, names, lambda p, carry, _: (body.apply({"params": p}, carry, context), None), h)
         else:
             for name in names:
-                h = block(name)(h, context)
+                h = block(name=name)(h, context)
         h = proj(c, "proj_out")(h.reshape(b, hh, ww, inner))
         return h + x
 

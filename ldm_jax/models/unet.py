@@ -58,19 +58,23 @@ class _BlockConfig(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def resnet(self, name):
-        cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    # name=None: an unbound layer for a scanned loop body (`layers`), rematerialised there as a whole.
+    def resnet(self, name=None):
+        remat = self.remat and name is not None
+        cls = nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
         return cls(self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   **({"name": name} if name is not None else {"parent": None}))
 
-    def transformer(self, name, **kw):
-        cls = nn.remat(SpatialTransformer) if self.remat and not kw else SpatialTransformer
+    def transformer(self, name=None):
+        cls = nn.remat(SpatialTransformer) if self.remat and name is not None else SpatialTransformer
         return cls(self.heads, self.out_channels // self.heads, depth=self.transformer_depth,
                    use_linear_projection=self.use_linear_projection,
                    norm_num_groups=self.norm_num_groups,
                    implementation=self.attention_implementation,
                    query_chunk_size=self.query_chunk_size, scan_layers=self.scan_layers,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   **({"name": name} if name is not None else {"parent": None}))
 
     def layers(self, x, temb, context, train, skips=None):
         """The block's `num_layers` (resnet [+ transformer]) layers, each fed one skip tensor
@@ -99,9 +103,7 @@ class _BlockConfig(nn.Module):
                     x = self.transformer(f"attentions_{i}")(x, context)
                 outs.append(x)
                 continue
-            resnet = ResnetBlock(self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
-            attention = self.transformer(None, parent=None) if self.cross_attention else None
+            resnet, attention = self.resnet(), self.transformer() if self.cross_attention else None
 
             def layer(p, h, skip, resnet=resnet, attention=attention):
                 if skip is not None:
@@ -114,7 +116,7 @@ class _BlockConfig(nn.Module):
             names = [{"resnets": f"resnets_{i}", **({"attentions": f"attentions_{i}"} if self.cross_attention else {})}
                      for i in run]
             xs = None if skips is None else jnp.stack([skips[i] for i in run])
-            x, ys = scan_layers(self, names, layer, x, xs, remat=self.remat, outputs=True)
+            x, ys = scan_layers(self, names, layer, x, xs, remat=self.remat)
             outs += [ys[k] for k in range(len(run))]
         return x, outs
 
